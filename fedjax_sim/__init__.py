@@ -1,0 +1,12 @@
+"""fedjax_sim: federated learning simulated one whole cohort at a time, in one compiled program."""
+
+from fedjax_sim import algorithms, models
+from fedjax_sim.algorithms import Algorithm
+from fedjax_sim.data import DataError, FederatedData
+from fedjax_sim.models import Model
+from fedjax_sim.simulate import SimulationResult, TrainingDiverged, simulate
+
+__version__ = "0.1.0"
+
+__all__ = ["Algorithm", "DataError", "FederatedData", "Model", "SimulationResult",
+           "TrainingDiverged", "algorithms", "models", "simulate"]

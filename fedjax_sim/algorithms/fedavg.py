@@ -1,0 +1,71 @@
+"""FedAvg, FedSGD and datacenter Local SGD.
+
+FedAvg (McMahan et al. 2017, "Communication-Efficient Learning of Deep Networks from Decentralized
+Data", arXiv:1602.05629). Each sampled client ``k`` starts from the global weights ``w`` and runs
+``E`` epochs of mini-batch SGD on its ``n_k`` examples (reshuffled every epoch, batches of ``B``, the
+last one smaller), ``w_k ← w_k − η ∇ℓ(w_k; batch)``; the server sets
+``w ← Σ_{k∈S} n_k w_k / Σ_{k∈S} n_k`` over the sampled cohort ``S``.
+
+Local SGD (Stich 2019, arXiv:1805.09767; Lin et al. 2020, arXiv:1808.07217): every worker takes a
+fixed number ``H`` of local steps and the server averages uniformly; ``H = 1`` is synchronous
+mini-batch SGD.
+"""
+
+from __future__ import annotations
+
+import optax
+
+from fedjax_sim.algorithms._base import (Algorithm, check_optimizer, check_weighting,
+                                         positive_float, positive_int)
+
+
+def fedavg(client_lr: float = 0.1, local_epochs: int = 1, batch_size: int | None = 32,
+           local_steps: int | None = None, shuffle: bool = True, weighting: str = "num_examples",
+           client_optimizer: optax.GradientTransformation | None = None,
+           server_optimizer: optax.GradientTransformation | None = None) -> Algorithm:
+  """Federated Averaging.
+
+  Args:
+    client_lr: ``η``, the client SGD learning rate (ignored when ``client_optimizer`` is given).
+    local_epochs: ``E``.
+    batch_size: ``B``; ``None`` is full-batch (one step per epoch).
+    local_steps: ``H`` fixed steps per round instead of ``E`` epochs.
+    shuffle: reshuffle every epoch (``False``: examples in their given order).
+    weighting: ``"num_examples"`` (FedAvg) or ``"uniform"``.
+    client_optimizer: any optax transformation; default ``optax.sgd(client_lr)``.
+    server_optimizer: any optax transformation of the pseudo-gradient; default ``optax.sgd(1.0)``.
+
+  Returns:
+    The :class:`Algorithm` to pass to :func:`fedjax_sim.simulate`.
+  """
+  check_optimizer("client_optimizer", client_optimizer)
+  check_optimizer("server_optimizer", server_optimizer)
+  if client_optimizer is None:
+    client_optimizer = optax.sgd(positive_float("client_lr", client_lr))
+  return Algorithm(
+      name="fedavg",
+      client_optimizer=client_optimizer,
+      server_optimizer=server_optimizer if server_optimizer is not None else optax.sgd(1.0),
+      local_epochs=positive_int("local_epochs", local_epochs),
+      batch_size=positive_int("batch_size", batch_size, allow_none=True),
+      local_steps=positive_int("local_steps", local_steps, allow_none=True),
+      shuffle=bool(shuffle),
+      weighting=check_weighting(weighting))
+
+
+def fedsgd(server_lr: float = 0.1, **kwargs) -> Algorithm:
+  """FedSGD: each client computes one full-batch gradient ``g_k``; the server steps
+  ``w ← w − η Σ n_k g_k / Σ n_k``. Implemented as a client taking one full-batch step of size 1
+  and a server SGD of size ``η`` on the pseudo-gradient, which is exactly the mean gradient."""
+  algo = fedavg(client_lr=1.0, local_epochs=1, batch_size=None,
+                server_optimizer=optax.sgd(positive_float("server_lr", server_lr)), **kwargs)
+  return algo._replace(name="fedsgd")
+
+
+def local_sgd(client_lr: float = 0.1, local_steps: int = 1, batch_size: int | None = 32,
+              **kwargs) -> Algorithm:
+  """Datacenter Local SGD: ``H = local_steps`` mini-batch steps per round, uniform averaging."""
+  kwargs.setdefault("weighting", "uniform")
+  algo = fedavg(client_lr=client_lr, local_steps=positive_int("local_steps", local_steps),
+                batch_size=batch_size, **kwargs)
+  return algo._replace(name="local_sgd")

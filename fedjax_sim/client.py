@@ -1,0 +1,140 @@
+"""One client's local training: the mini-batch schedule, the epoch shuffles, the ``lax.scan``.
+
+Everything here is written for a single client and vmapped over a chunk of the cohort by
+:mod:`fedjax_sim.round`. Shapes are static per *size bucket* (see :class:`BucketShape`); a client
+smaller than its bucket's largest runs masked steps, and a masked step leaves its state unchanged.
+
+Schedule (McMahan et al. 2017, Algorithm 1): a client with ``n`` examples and batch size ``B`` takes
+``spe = ⌈n / B⌉`` steps per epoch and ``E · spe`` steps per round (or ``H`` with ``local_steps``);
+step ``t`` uses epoch ``e = t // spe`` and batch ``j = t mod spe``, i.e. positions
+``j·B … j·B + B − 1`` of that epoch's permutation, of which only those ``< n`` are real (the last
+batch is smaller). The gradient is the mean over the batch's real examples.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+
+from fedjax_sim.algorithms import Algorithm
+
+
+class BucketShape(NamedTuple):
+  """Static shapes shared by every client of one size bucket.
+
+  Attributes:
+    max_examples: ``L``, the largest client in the bucket (length of each epoch permutation).
+    batch: static batch width (``B``, or ``L`` for full-batch training).
+    num_steps: ``S``, the largest per-round step count in the bucket (scan length).
+    num_epochs: permutations drawn per client and round (``E``, or enough epochs to cover ``H``).
+  """
+  max_examples: int
+  batch: int
+  num_steps: int
+  num_epochs: int
+
+
+def steps_per_epoch(num_examples, batch_size: int | None):
+  """``⌈n / B⌉`` (1 for full batch); works on ints and NumPy/JAX integer arrays."""
+  if batch_size is None:
+    return num_examples * 0 + 1
+  return (num_examples + batch_size - 1) // batch_size
+
+
+def num_local_steps(num_examples, algo: Algorithm):
+  """Local steps a client with ``num_examples`` examples takes in one round."""
+  if algo.local_steps is not None:
+    return num_examples * 0 + algo.local_steps
+  return algo.local_epochs * steps_per_epoch(num_examples, algo.batch_size)
+
+
+def bucket_shape(num_examples: np.ndarray, algo: Algorithm) -> BucketShape:
+  """The static shapes that fit every client size in ``num_examples``."""
+  largest, smallest = int(num_examples.max()), int(num_examples.min())
+  batch = largest if algo.batch_size is None else algo.batch_size
+  steps = int(num_local_steps(largest, algo))
+  if algo.local_steps is None:
+    epochs = algo.local_epochs
+  else:  # the smallest client cycles through the most epochs
+    epochs = -(-algo.local_steps // int(steps_per_epoch(smallest, algo.batch_size)))
+  return BucketShape(largest, batch, steps, epochs)
+
+
+def epoch_orders(keys: jax.Array, num_examples: jax.Array, shape: BucketShape,
+                 shuffle: bool) -> jax.Array:
+  """Per-client, per-epoch example orders, ``[clients, num_epochs, max_examples]`` int32.
+
+  Row ``[c, e, :n_c]`` is a uniformly random permutation of ``0 … n_c − 1`` drawn from ``keys[c]``
+  alone (so it does not depend on which other clients share the chunk); entries past ``n_c`` are
+  never read. The shuffle is a Fisher–Yates pass vectorised over all clients and epochs: on XLA:CPU
+  it is about 6× faster than ``argsort`` of random keys and exactly uniform.
+  """
+  num_clients = keys.shape[0]
+  length, epochs = shape.max_examples, shape.num_epochs
+  identity = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (num_clients, epochs, length))
+  if not shuffle or length == 1:
+    return identity
+  # u[i, c*E + e] drives the swap at position i; layout [L, columns] keeps rows contiguous.
+  u = jax.vmap(lambda k: jax.random.uniform(k, (length, epochs)))(keys)  # [C, L, E]
+  u = jnp.transpose(u, (1, 0, 2)).reshape(length, num_clients * epochs)
+  n = jnp.repeat(num_examples.astype(jnp.int32), epochs)
+  cols = jnp.arange(num_clients * epochs)
+  orders = identity.reshape(num_clients * epochs, length).T  # [L, cols]
+
+  def swap(t, orders):
+    i = length - 1 - t
+    j = jnp.minimum((u[i] * (i + 1)).astype(jnp.int32), i)
+    j = jnp.where(i < n, j, i)  # positions past n stay put
+    at_i, at_j = orders[i], orders[j, cols]
+    return orders.at[j, cols].set(at_i).at[i].set(at_j)
+
+  orders = lax.fori_loop(0, length - 1, swap, orders, unroll=8)
+  return orders.T.reshape(num_clients, epochs, length)
+
+
+def local_train(model, algo: Algorithm, shape: BucketShape, params, x_all: jax.Array,
+                y_all: jax.Array, offset: jax.Array, num_examples: jax.Array,
+                orders: jax.Array, unroll: bool | int = 1):
+  """Runs one client's local SGD from ``params`` and returns its final params.
+
+  Args:
+    model: the :class:`~fedjax_sim.models.Model`.
+    algo: the algorithm (batch size, epochs/steps, client optimizer).
+    shape: the bucket's static shapes.
+    params: the global params the client starts from.
+    x_all, y_all: the population's flat example arrays.
+    offset: first row of this client in ``x_all``.
+    num_examples: ``n`` of this client; ``0`` marks an empty slot (every step masked).
+    orders: ``[num_epochs, max_examples]`` example order per epoch (see :func:`epoch_orders`).
+    unroll: ``lax.scan`` unroll of the step loop (``True`` for convolutions on CPU).
+
+  Returns:
+    ``(client_params, steps_taken)``.
+  """
+  batch = shape.batch
+  spe = jnp.maximum(steps_per_epoch(num_examples, algo.batch_size), 1)
+  my_steps = jnp.where(num_examples > 0, num_local_steps(num_examples, algo), 0)
+  positions = jnp.arange(batch, dtype=jnp.int32)
+  opt = algo.client_optimizer
+
+  def step(carry, t):
+    w, opt_state = carry
+    epoch, j = t // spe, t % spe
+    pos = j * batch + positions
+    real = (pos < num_examples) & (t < my_steps)
+    local = orders[jnp.minimum(epoch, shape.num_epochs - 1), jnp.minimum(pos, shape.max_examples - 1)]
+    rows = offset + jnp.where(real, local, 0)
+    grads = jax.grad(model.loss)(w, x_all[rows], y_all[rows], real)
+    updates, new_opt_state = opt.update(grads, opt_state, w)
+    new_w = optax.apply_updates(w, updates)
+    active = t < my_steps
+    keep = lambda new, old: jnp.where(active, new, old)
+    return (jax.tree.map(keep, new_w, w), jax.tree.map(keep, new_opt_state, opt_state)), None
+
+  (w, _), _ = lax.scan(step, (params, opt.init(params)), jnp.arange(shape.num_steps), unroll=unroll)
+  return w, my_steps

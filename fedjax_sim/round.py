@@ -1,0 +1,257 @@
+"""The federated round and the block of rounds, compiled once.
+
+A round: sample the cohort on device → for each size bucket, vmap :func:`client.local_train` over
+chunks of the bucket's cohort members → stream a weighted sum of client deltas → server optax update.
+A block is a ``lax.scan`` of rounds with evaluation folded in, so the host wakes once per block.
+
+Randomness (reproducible whatever the plan, chunk or block size):
+``round_key = fold_in(train_key, r)``; ``sample, clients, server = split(round_key, 3)``;
+client ``k``'s key is ``fold_in(clients, k)`` with ``k`` its global id.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+
+from fedjax_sim import client as client_lib
+from fedjax_sim.algorithms import Algorithm
+
+PLANS = ("auto", "vmap", "chunked", "scan", "host_loop")
+
+
+class Bucket(NamedTuple):
+  """Clients of similar size that share one compiled shape.
+
+  Attributes:
+    shape: static client shapes (see :class:`client.BucketShape`).
+    capacity: most of its members one round can sample (``min(cohort, members)``).
+    chunk: clients vmapped together.
+    members: number of population clients in the bucket.
+  """
+  shape: client_lib.BucketShape
+  capacity: int
+  chunk: int
+  members: int
+
+  @property
+  def num_chunks(self) -> int:
+    return -(-self.capacity // self.chunk)
+
+
+class ServerState(NamedTuple):
+  params: Any
+  opt_state: Any
+
+
+class Plan(NamedTuple):
+  """How the cohort is executed (results are the same up to float reassociation).
+
+  * ``vmap``: each bucket's sampled clients in one vmap.
+  * ``chunked``: vmap over chunks of ``chunk_size`` clients, ``lax.scan`` over the chunks with a
+    running weighted sum (bounded memory).
+  * ``scan``: ``chunk_size = 1``, one client at a time inside the compiled program.
+  * ``host_loop``: a compiled per-chunk update called from Python, one round at a time. XLA:CPU runs
+    convolutions about 10× slower inside any loop (jax-ml/jax#12868), so convolutional models on
+    CPU use this plan with fully unrolled local steps.
+  """
+  name: str
+  chunk_size: int | None
+  unroll: bool
+
+
+def size_buckets(num_examples: np.ndarray, algo: Algorithm, growth: float = 2.0,
+                 max_buckets: int = 6) -> list[np.ndarray]:
+  """Groups clients so that within a group the largest is at most ``growth`` × the smallest.
+
+  Returns a list of index arrays (each sorted by client id). With equal sizes there is one group.
+  When more than ``max_buckets`` groups would be needed, ``growth`` is raised until they fit.
+  """
+  order = np.argsort(num_examples, kind="stable")
+  sizes = num_examples[order]
+  while True:
+    groups, start = [], 0
+    while start < len(sizes):
+      stop = np.searchsorted(sizes, sizes[start] * growth, side="right")
+      groups.append(order[start:stop])
+      start = stop
+    if len(groups) <= max_buckets:
+      return [np.sort(g) for g in groups]
+    growth *= 1.5
+
+
+def padding_waste(num_examples: np.ndarray, groups: list[np.ndarray], algo: Algorithm) -> float:
+  """Masked steps per real step when every client runs its bucket's step count (population mean)."""
+  real = client_lib.num_local_steps(num_examples, algo).astype(np.float64)
+  padded = np.zeros_like(real)
+  for g in groups:
+    padded[g] = real[g].max()
+  return float(padded.sum() / real.sum() - 1.0)
+
+
+def make_buckets(num_examples: np.ndarray, algo: Algorithm, cohort_size: int,
+                 chunk_size: int | None, bucketing: bool = True) -> tuple[list[Bucket], np.ndarray, list]:
+  """Builds the buckets; returns ``(buckets, bucket_of_client, groups)``."""
+  groups = size_buckets(num_examples, algo) if bucketing else [np.arange(len(num_examples))]
+  bucket_of = np.zeros(len(num_examples), np.int32)
+  buckets = []
+  for b, g in enumerate(groups):
+    bucket_of[g] = b
+    capacity = min(cohort_size, len(g))
+    chunk = capacity if chunk_size is None else max(1, min(chunk_size, capacity))
+    buckets.append(Bucket(client_lib.bucket_shape(num_examples[g], algo), capacity, chunk, len(g)))
+  return buckets, bucket_of, groups
+
+
+def sample_cohort(key: jax.Array, num_clients: int, cohort_size: int) -> jax.Array:
+  """``cohort_size`` distinct global client ids, uniformly without replacement (all when equal).
+
+  Uses the top-``m`` of i.i.d. 32-bit random integers per client (no full sort of the population).
+  """
+  if cohort_size >= num_clients:
+    return jnp.arange(num_clients, dtype=jnp.int32)
+  _, ids = lax.top_k(jax.random.bits(key, (num_clients,)), cohort_size)
+  return ids.astype(jnp.int32)
+
+
+def bucket_slots(cohort: jax.Array, bucket_of: jax.Array, b: int, bucket: Bucket):
+  """The cohort members in bucket ``b`` packed into ``num_chunks × chunk`` slots.
+
+  Returns ``(ids, present)`` each ``[num_chunks, chunk]``; empty slots have ``present=False``.
+  """
+  slots = bucket.num_chunks * bucket.chunk
+  pos = jnp.nonzero(bucket_of[cohort] == b, size=slots, fill_value=cohort.shape[0])[0]
+  present = pos < cohort.shape[0]
+  ids = jnp.where(present, jnp.append(cohort, 0)[pos], 0)
+  return ids.reshape(bucket.num_chunks, bucket.chunk), present.reshape(bucket.num_chunks, bucket.chunk)
+
+
+class Engine(NamedTuple):
+  """The compiled pieces of a simulation (built by :func:`build_engine`)."""
+  run_block: Callable  # (state, rounds[R], active[R], evaluate[R]) -> (state, metrics dict of [R])
+  init_state: Callable  # params -> ServerState
+  buckets: list
+  plan: Plan
+
+
+def build_engine(model, algo: Algorithm, train, plan: Plan, cohort_size: int, train_key: jax.Array,
+                 evaluate: Callable[[Any], dict], bucketing: bool = True) -> Engine:
+  """Compiles the round for one (model, algorithm, dataset, plan).
+
+  Args:
+    model: the model.
+    algo: the algorithm.
+    train: the training :class:`~fedjax_sim.data.FederatedData`.
+    plan: the execution :class:`Plan`.
+    cohort_size: clients per round.
+    train_key: the training randomness stream.
+    evaluate: ``fn(params) -> {name: scalar}``, the metrics of evaluated rounds.
+    bucketing: group clients by size (``False``: one bucket padded to the largest client).
+  """
+  num_clients = train.num_clients
+  buckets, bucket_of, _ = make_buckets(train.num_examples, algo, cohort_size, plan.chunk_size,
+                                       bucketing)
+  x_all, y_all = jnp.asarray(train.x), jnp.asarray(train.y)
+  offsets = jnp.asarray(train.offsets, jnp.int32)
+  counts = jnp.asarray(train.num_examples, jnp.int32)
+  bucket_of_dev = jnp.asarray(bucket_of)
+  uniform = algo.weighting == "uniform"
+  zeros_like_f32 = lambda p: jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), p)
+
+  def chunk_update(params, ids, present, client_key, shape: client_lib.BucketShape):
+    """Weighted delta sum and weight sum of one chunk of clients."""
+    n = jnp.where(present, counts[ids], 0)
+    keys = jax.vmap(lambda i: jax.random.fold_in(client_key, i))(ids)
+    orders = client_lib.epoch_orders(keys, n, shape, algo.shuffle)
+    train_one = lambda off, n_k, order: client_lib.local_train(
+        model, algo, shape, params, x_all, y_all, off, n_k, order, unroll=plan.unroll)
+    client_params, _ = jax.vmap(train_one)(offsets[ids], n, orders)
+    weights = jnp.where(present, 1.0 if uniform else n.astype(jnp.float32), 0.0)
+    delta_sum = jax.tree.map(
+        lambda cp, p: jnp.tensordot(weights, (cp - p[None]).astype(jnp.float32), axes=1),
+        client_params, params)
+    return delta_sum, jnp.sum(weights)
+
+  def server_update(state: ServerState, delta_sum, weight_sum):
+    mean_delta = jax.tree.map(lambda d: d / jnp.maximum(weight_sum, 1e-30), delta_sum)
+    pseudo_grad = jax.tree.map(lambda d, p: (-d).astype(p.dtype), mean_delta, state.params)
+    updates, opt_state = algo.server_optimizer.update(pseudo_grad, state.opt_state, state.params)
+    return ServerState(optax.apply_updates(state.params, updates), opt_state)
+
+  def round_keys(r):
+    return jax.random.split(jax.random.fold_in(train_key, r), 3)
+
+  def device_round(state: ServerState, r):
+    sample_key, client_key, _ = round_keys(r)
+    cohort = sample_cohort(sample_key, num_clients, cohort_size)
+    total = (zeros_like_f32(state.params), jnp.float32(0.0))
+    for b, bucket in enumerate(buckets):
+      ids, present = bucket_slots(cohort, bucket_of_dev, b, bucket)
+
+      def one_chunk(acc, chunk, bucket=bucket):
+        c_ids, c_present = chunk
+        out = lax.cond(jnp.any(c_present),
+                       lambda: chunk_update(state.params, c_ids, c_present, client_key, bucket.shape),
+                       lambda: (zeros_like_f32(state.params), jnp.float32(0.0)))
+        return jax.tree.map(jnp.add, acc, out), None
+
+      if bucket.num_chunks == 1:
+        total, _ = one_chunk(total, (ids[0], present[0]))
+      else:
+        total, _ = lax.scan(one_chunk, total, (ids, present))
+    return server_update(state, *total)
+
+  def metrics_or_nan(params, do_eval):
+    shapes = jax.eval_shape(evaluate, params)
+    nan = lambda: jax.tree.map(lambda s: jnp.full(s.shape, jnp.nan, s.dtype), shapes)
+    return lax.cond(do_eval, lambda: evaluate(params), nan)
+
+  def finite(params):
+    return jnp.all(jnp.array([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)]))
+
+  def init_state(params):
+    return ServerState(params, algo.server_optimizer.init(params))
+
+  if plan.name != "host_loop":
+    def block(state, rounds, active, do_eval):
+      def body(state, xs):
+        r, act, ev = xs
+        state = lax.cond(act, device_round, lambda s, _: s, state, r)
+        metrics = metrics_or_nan(state.params, act & ev)
+        metrics["finite"] = finite(state.params)
+        return state, metrics
+      return lax.scan(body, state, (rounds, active, do_eval))
+
+    run_block = jax.jit(block, donate_argnums=0)
+    return Engine(run_block, init_state, buckets, plan)
+
+  # host_loop: the same pieces, with Python driving the rounds and the chunks.
+  sample_j = jax.jit(lambda r: (sample_cohort(round_keys(r)[0], num_clients, cohort_size),
+                                round_keys(r)[1]))
+  slots_j = jax.jit(bucket_slots, static_argnums=(2, 3))
+  chunk_j = jax.jit(chunk_update, static_argnums=(4,))
+  server_j = jax.jit(server_update)
+  eval_j = jax.jit(lambda p, ev: dict(metrics_or_nan(p, ev), finite=finite(p)))
+
+  def run_block_host(state, rounds, active, do_eval):
+    rows = []
+    for r, act, ev in zip(np.asarray(rounds), np.asarray(active), np.asarray(do_eval)):
+      if act:
+        cohort, client_key = sample_j(r)
+        total = (zeros_like_f32(state.params), jnp.float32(0.0))
+        for b, bucket in enumerate(buckets):
+          ids, present = jax.device_get(slots_j(cohort, bucket_of_dev, b, bucket))
+          for c in range(bucket.num_chunks):
+            if present[c].any():
+              out = chunk_j(state.params, ids[c], present[c], client_key, bucket.shape)
+              total = jax.tree.map(jnp.add, total, out)
+        state = server_j(state, *total)
+      rows.append(eval_j(state.params, bool(act and ev)))
+    return state, jax.tree.map(lambda *xs: jnp.stack(xs), *rows)
+
+  return Engine(run_block_host, init_state, buckets, plan)

@@ -1,0 +1,271 @@
+"""``simulate``: the driver that validates inputs, picks a plan, and runs blocks of rounds."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from fedjax_sim import round as round_lib
+from fedjax_sim.algorithms import Algorithm
+from fedjax_sim.data import DataError, FederatedData
+from fedjax_sim.models import Model, _per_example_correct, _per_example_loss, num_params
+
+# Named randomness streams: key(seed) folded with these constants.
+STREAM_INIT, STREAM_TRAIN = 0, 1
+EVAL_BATCH = 4096
+
+
+class TrainingDiverged(RuntimeError):
+  """The global model became non-finite. ``history`` holds the metrics up to that round."""
+
+  def __init__(self, round_num: int, history: dict):
+    super().__init__(f"training diverged at round {round_num}: the global model or its loss became "
+                     "NaN/inf; lower client_lr (or the server learning rate)")
+    self.round = round_num
+    self.history = history
+
+
+@dataclass
+class SimulationResult:
+  """What :func:`simulate` returns.
+
+  Attributes:
+    params: the final global params.
+    history: ``round`` (1-based evaluated rounds), ``train_loss`` and, where they apply,
+      ``train_accuracy``, ``test_loss``, ``test_accuracy``, and ``elapsed`` (seconds since start).
+    info: plan, buckets, padding waste, compilations, timings.
+  """
+  params: Any
+  history: dict
+  info: dict = field(default_factory=dict)
+
+
+def dataset_evaluator(model: Model, data: FederatedData, prefix: str, unroll: bool = False):
+  """``fn(params) -> {prefix_loss, prefix_accuracy}``: example-weighted over all of ``data``.
+
+  The example-weighted mean over clients equals the mean over the flat example array.
+  """
+  x, y = jnp.asarray(data.x), jnp.asarray(data.y)
+  total = data.total_examples
+  batch = min(EVAL_BATCH, total)
+  num_batches = -(-total // batch)
+
+  def evaluate(params):
+    def body(acc, i):
+      rows = i * batch + jnp.arange(batch)
+      real = (rows < total).astype(jnp.float32)
+      rows = jnp.minimum(rows, total - 1)
+      out = model.apply(params, x[rows])
+      loss = jnp.sum(_per_example_loss(model.task, out, y[rows]) * real)
+      correct = (jnp.sum(_per_example_correct(model.task, out, y[rows]) * real)
+                 if model.is_classifier else jnp.float32(0))
+      return (acc[0] + loss, acc[1] + correct), None
+    (loss, correct), _ = lax.scan(body, (jnp.float32(0), jnp.float32(0)), jnp.arange(num_batches),
+                                  unroll=unroll)
+    metrics = {f"{prefix}_loss": loss / total}
+    if model.is_classifier:
+      metrics[f"{prefix}_accuracy"] = correct / total
+    return metrics
+  return evaluate
+
+
+def _check_labels(model: Model, params, data: FederatedData, name: str) -> None:
+  """Fails early, with a clear message, when the data does not fit the model."""
+  try:
+    out = jax.eval_shape(model.apply, params, jax.ShapeDtypeStruct((2, *data.feature_shape), jnp.float32))
+  except Exception as e:  # the user's model and data disagree: say so without a JAX traceback
+    raise DataError(f"{name} data with feature shape {data.feature_shape} does not fit model "
+                    f"{model.name!r}: {str(e).splitlines()[0]}") from None
+  y = data.y
+  if model.task == "multiclass":
+    num_classes = out.shape[-1]
+    if not np.issubdtype(y.dtype, np.integer):
+      raise DataError(f"{name} labels must be integers for a classifier, got {y.dtype}")
+    if y.min() < 0 or y.max() >= num_classes:
+      raise DataError(f"{name} labels must lie in [0, {num_classes}) for model {model.name!r}; "
+                      f"found {int(y.min())}..{int(y.max())}")
+  elif model.task == "binary" and not np.all((y == 0) | (y == 1)):
+    raise DataError(f"{name} labels must be 0 or 1 for a binary model; found {np.unique(y)[:5]}")
+
+
+def contains_convolution(fn: Callable, *args) -> bool:
+  """True when tracing ``fn(*args)`` meets a convolution (which XLA:CPU runs slowly in loops)."""
+  return "conv_general_dilated" in str(jax.make_jaxpr(fn)(*args))
+
+
+def auto_chunk_size(param_count: int, batch: int) -> int:
+  """CPU chunk size: enough clients per vmap to fill the cores, few enough to stay in cache.
+
+  Chosen from benchmarks/engine.py (see docs/design.md): about 2M multiply-adds per chunk step.
+  """
+  work = max(1, param_count * batch)
+  return int(min(1024, max(1, 2 ** round(math.log2(max(1.0, 2e6 / work))))))
+
+
+def choose_plan(plan: str, chunk_size: int | None, model: Model, params, feature_shape,
+                batch: int, backend: str) -> round_lib.Plan:
+  """Resolves ``plan="auto"`` per backend and model size; validates explicit choices."""
+  if plan not in round_lib.PLANS:
+    raise ValueError(f"plan must be one of {', '.join(round_lib.PLANS)}, got {plan!r}")
+  if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                 or chunk_size <= 0):
+    raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
+  conv = contains_convolution(model.apply, params, jnp.zeros((1, *feature_shape), jnp.float32))
+  unroll = conv and backend == "cpu"
+  if plan == "auto":
+    if backend != "cpu":
+      plan = "vmap" if chunk_size is None else "chunked"
+    elif conv:
+      plan, chunk_size = "host_loop", chunk_size or 1
+    else:
+      plan = "chunked"
+      chunk_size = chunk_size or auto_chunk_size(num_params(params), batch)
+  if plan == "vmap":
+    chunk_size = None
+  elif plan == "scan":
+    chunk_size = 1
+  elif plan == "chunked" and chunk_size is None:
+    chunk_size = auto_chunk_size(num_params(params), batch)
+  elif plan == "host_loop":
+    chunk_size = chunk_size or 1
+  return round_lib.Plan(plan, chunk_size, unroll)
+
+
+def _cohort_size(num_clients: int, clients_per_round, client_fraction) -> int:
+  if clients_per_round is not None and client_fraction is not None:
+    raise ValueError("give clients_per_round or client_fraction, not both")
+  if clients_per_round is not None:
+    if isinstance(clients_per_round, bool) or not isinstance(clients_per_round, int) or clients_per_round <= 0:
+      raise ValueError(f"clients_per_round must be a positive integer, got {clients_per_round!r}")
+    if clients_per_round > num_clients:
+      raise ValueError(f"clients_per_round={clients_per_round} is larger than the population of "
+                       f"{num_clients} clients")
+    return clients_per_round
+  if client_fraction is not None:
+    if isinstance(client_fraction, bool) or not isinstance(client_fraction, (int, float)) \
+        or not 0 < client_fraction <= 1:
+      raise ValueError(f"client_fraction must be in (0, 1], got {client_fraction!r}")
+    return max(1, int(client_fraction * num_clients))
+  return num_clients
+
+
+def _positive_int(name, value):
+  if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    raise ValueError(f"{name} must be a positive integer, got {value!r}")
+  return value
+
+
+def simulate(algorithm: Algorithm, model: Model, train: FederatedData, rounds: int = 100,
+             clients_per_round: int | None = None, client_fraction: float | None = None,
+             seed: int = 0, test: FederatedData | None = None, init_params=None,
+             eval_every: int = 1, plan: str = "auto", chunk_size: int | None = None,
+             rounds_per_block: int | None = None, bucketing: bool = True,
+             callback: Callable[[list[dict]], None] | None = None) -> SimulationResult:
+  """Simulates ``rounds`` rounds of federated training.
+
+  Args:
+    algorithm: from :mod:`fedjax_sim.algorithms` (e.g. ``fedavg(...)``).
+    model: from :mod:`fedjax_sim.models`.
+    train: the clients' training data.
+    rounds: number of rounds.
+    clients_per_round: cohort size ``m`` (uniform without replacement);
+    client_fraction: or ``C`` with ``m = max(1, int(C·K))``; neither means full participation.
+    seed: the one integer all randomness derives from.
+    test: optional held-out data evaluated with the training metrics.
+    init_params: starting global params (default ``model.init`` of the ``init`` stream).
+    eval_every: evaluate after every ``eval_every``-th round (and always after the last).
+    plan: ``"auto"``, ``"vmap"``, ``"chunked"``, ``"scan"`` or ``"host_loop"``.
+    chunk_size: clients per vmap for ``chunked`` / ``host_loop`` (auto when ``None``).
+    rounds_per_block: rounds per compiled call (default ``min(rounds, 10)``).
+    bucketing: group clients by size so small clients do not pay for the largest one's steps.
+    callback: called after each block with the new history rows (dicts), e.g. to log them.
+
+  Returns:
+    A :class:`SimulationResult`.
+
+  Raises:
+    ValueError / DataError: bad arguments, naming the bad value.
+    TrainingDiverged: the model became non-finite; ``.history`` keeps the rows before it.
+  """
+  if not isinstance(algorithm, Algorithm):
+    raise ValueError(f"algorithm must come from fedjax_sim.algorithms, got {type(algorithm).__name__}")
+  if not isinstance(model, Model):
+    raise ValueError(f"model must be a fedjax_sim.models.Model, got {type(model).__name__}")
+  if not isinstance(train, FederatedData):
+    raise ValueError(f"train must be a FederatedData, got {type(train).__name__}")
+  if test is not None and not isinstance(test, FederatedData):
+    raise ValueError(f"test must be a FederatedData or None, got {type(test).__name__}")
+  if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+    raise ValueError(f"seed must be an integer, got {seed!r}")
+  rounds = _positive_int("rounds", rounds)
+  eval_every = _positive_int("eval_every", eval_every)
+  block_len = min(rounds, _positive_int("rounds_per_block", rounds_per_block or 10))
+  cohort_size = _cohort_size(train.num_clients, clients_per_round, client_fraction)
+
+  key = jax.random.key(int(seed))
+  params = model.init(jax.random.fold_in(key, STREAM_INIT)) if init_params is None else init_params
+  params = jax.tree.map(jnp.asarray, params)
+  _check_labels(model, params, train, "train")
+  if test is not None:
+    _check_labels(model, params, test, "test")
+
+  backend = jax.default_backend()
+  batch = algorithm.batch_size or int(train.num_examples.max())
+  chosen = choose_plan(plan, chunk_size, model, params, train.feature_shape, batch, backend)
+  evaluators = [dataset_evaluator(model, train, "train", chosen.unroll)]
+  if test is not None:
+    evaluators.append(dataset_evaluator(model, test, "test", chosen.unroll))
+  evaluate = lambda p: {k: v for ev in evaluators for k, v in ev(p).items()}
+  engine = round_lib.build_engine(model, algorithm, train, chosen, cohort_size,
+                                  jax.random.fold_in(key, STREAM_TRAIN), evaluate, bucketing)
+  groups = round_lib.size_buckets(train.num_examples, algorithm) if bucketing else \
+      [np.arange(train.num_clients)]
+  info = {
+      "plan": chosen.name, "chunk_size": chosen.chunk_size, "unroll": chosen.unroll,
+      "backend": backend, "cohort_size": cohort_size, "rounds_per_block": block_len,
+      "num_buckets": len(engine.buckets),
+      "bucket_max_examples": [b.shape.max_examples for b in engine.buckets],
+      "padding_waste": round_lib.padding_waste(train.num_examples, groups, algorithm),
+      "padding_waste_unbucketed": round_lib.padding_waste(
+          train.num_examples, [np.arange(train.num_clients)], algorithm),
+  }
+
+  history: dict[str, list] = {"round": []}
+  state = engine.init_state(params)
+  start = time.perf_counter()
+  for first in range(1, rounds + 1, block_len):
+    round_nums = np.arange(first, first + block_len, dtype=np.int32)
+    active = round_nums <= rounds
+    do_eval = active & ((round_nums % eval_every == 0) | (round_nums == rounds))
+    state, metrics = engine.run_block(state, jnp.asarray(round_nums), jnp.asarray(active),
+                                      jnp.asarray(do_eval))
+    metrics = jax.device_get(metrics)
+    elapsed = time.perf_counter() - start
+    rows, diverged = [], None
+    for i, r in enumerate(round_nums):
+      if not active[i]:
+        break
+      row = {k: float(v[i]) for k, v in metrics.items() if k != "finite"}
+      if not metrics["finite"][i] or (do_eval[i] and not all(map(math.isfinite, row.values()))):
+        diverged = int(r)
+        break
+      if do_eval[i]:
+        rows.append({"round": int(r), **row, "elapsed": elapsed})
+    for row in rows:
+      for k, v in row.items():
+        history.setdefault(k, []).append(v)
+    if callback is not None and rows:
+      callback(rows)
+    if diverged is not None:
+      raise TrainingDiverged(diverged, history)
+  info["seconds"] = time.perf_counter() - start
+  cache_size = getattr(engine.run_block, "_cache_size", None)
+  info["compilations"] = cache_size() if cache_size else None
+  return SimulationResult(state.params, history, info)

@@ -1,0 +1,58 @@
+"""Federated data read from local files."""
+
+from __future__ import annotations
+
+import os
+import zipfile
+
+import numpy as np
+
+from fedjax_sim.data import DataError, FederatedData
+
+
+def load_npz(path: str) -> FederatedData:
+  """Reads a NumPy ``.npz`` federated dataset, in either of two layouts:
+
+  * columns: arrays ``x`` (``[N, ...]``), ``y`` (``[N]``) and ``client_id`` (``[N]``); clients appear
+    in order of their first example and keep their examples' order;
+  * per client: arrays ``x/<id>`` and ``y/<id>`` for each client id (sorted by id).
+
+  Nothing is unpickled (``allow_pickle=False``).
+
+  Raises:
+    DataError: missing file, unreadable or truncated archive, missing arrays, or any problem
+      :meth:`FederatedData.from_arrays` finds (empty clients, x/y length mismatch, NaN, ...).
+  """
+  if not os.path.exists(path):
+    raise DataError(f"data file {path!r} does not exist")
+  try:
+    with np.load(path, allow_pickle=False) as archive:
+      arrays = {k: archive[k] for k in archive.files}
+  except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
+    raise DataError(f"cannot read {path!r} as .npz: {e}") from None
+  if {"x", "y", "client_id"} <= arrays.keys():
+    x, y, cid = arrays["x"], arrays["y"], arrays["client_id"]
+    if not len(x) == len(y) == len(cid):
+      raise DataError(f"{path}: x has {len(x)} rows, y {len(y)}, client_id {len(cid)}; they must match")
+    ids, first = np.unique(cid, return_index=True)
+    ids = ids[np.argsort(first)]
+    groups = [np.flatnonzero(cid == i) for i in ids]
+    return FederatedData.from_arrays([x[g] for g in groups], [y[g] for g in groups],
+                                     [str(i) for i in ids])
+  xs = sorted(k[2:] for k in arrays if k.startswith("x/"))
+  ys = sorted(k[2:] for k in arrays if k.startswith("y/"))
+  if not xs:
+    raise DataError(f"{path}: expected arrays x, y, client_id or x/<id>, y/<id>; found "
+                    f"{sorted(arrays)[:6]}")
+  if xs != ys:
+    missing = sorted(set(xs) ^ set(ys))[0]
+    raise DataError(f"{path}: client {missing!r} has x without y or y without x")
+  return FederatedData.from_arrays([arrays["x/" + c] for c in xs], [arrays["y/" + c] for c in xs], xs)
+
+
+def save_npz(path: str, data: FederatedData) -> None:
+  """Writes ``data`` in the per-client layout :func:`load_npz` reads."""
+  arrays = {}
+  for i, cid in enumerate(data.client_ids):
+    arrays["x/" + cid], arrays["y/" + cid] = data.client(i)
+  np.savez(path, **arrays)

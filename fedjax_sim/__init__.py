@@ -4,7 +4,7 @@ from fedjax_sim import algorithms, models
 from fedjax_sim.algorithms import Algorithm
 from fedjax_sim.data import DataError, FederatedData
 from fedjax_sim.models import Model
-from fedjax_sim.simulate import SimulationResult, TrainingDiverged, simulate
+from fedjax_sim.simulation import SimulationResult, TrainingDiverged, simulate
 
 __version__ = "0.1.0"
 

@@ -218,7 +218,7 @@ def _out_dir(config: dict, out: str | None) -> str:
 def run(args) -> int:
   config = resolve_config(args.config, args.set or [])
   algo, model, train, test = build_experiment(config)
-  from fedjax_sim.simulate import TrainingDiverged, simulate
+  from fedjax_sim.simulation import TrainingDiverged, simulate
   out = _out_dir(config, args.out)
   with open(os.path.join(out, "config.json"), "w") as f:
     json.dump(config, f, indent=2)

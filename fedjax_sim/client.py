@@ -80,8 +80,13 @@ def epoch_orders(keys: jax.Array, num_examples: jax.Array, shape: BucketShape,
   if not shuffle or length == 1:
     return identity
   # u[i, c*E + e] drives the swap at position i; layout [L, columns] keeps rows contiguous.
-  u = jax.vmap(lambda k: jax.random.uniform(k, (length, epochs)))(keys)  # [C, L, E]
-  u = jnp.transpose(u, (1, 0, 2)).reshape(length, num_clients * epochs)
+  # Epoch e of a client draws from fold_in(key, e); with JAX's partitionable threefry (the default)
+  # draws are prefix-stable, so a client's permutation depends on u[:n] only, not on L or on how
+  # many epochs its bucket draws: bucketing does not change results.
+  draw = lambda k: jax.vmap(lambda e: jax.random.uniform(jax.random.fold_in(k, e), (length,)))(
+      jnp.arange(epochs))
+  u = jax.vmap(draw)(keys)  # [C, E, L]
+  u = jnp.transpose(u, (2, 0, 1)).reshape(length, num_clients * epochs)
   n = jnp.repeat(num_examples.astype(jnp.int32), epochs)
   cols = jnp.arange(num_clients * epochs)
   orders = identity.reshape(num_clients * epochs, length).T  # [L, cols]

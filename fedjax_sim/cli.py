@@ -218,7 +218,15 @@ def _out_dir(config: dict, out: str | None) -> str:
 def run(args) -> int:
   config = resolve_config(args.config, args.set or [])
   algo, model, train, test = build_experiment(config)
-  from fedjax_sim.simulation import TrainingDiverged, simulate
+  from fedjax_sim.simulation import TrainingDiverged, check_arguments, simulate
+  run_args = dict(rounds=config["rounds"], clients_per_round=config["clients_per_round"],
+                  client_fraction=config["client_fraction"], seed=config["seed"],
+                  eval_every=config["eval_every"], plan=config["plan"],
+                  chunk_size=config["chunk_size"], rounds_per_block=config["rounds_per_block"])
+  try:
+    check_arguments(algo, model, train, test, **run_args)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   out = _out_dir(config, args.out)
   with open(os.path.join(out, "config.json"), "w") as f:
     json.dump(config, f, indent=2)
@@ -238,12 +246,7 @@ def run(args) -> int:
   summary = {"status": "completed", "config": config}
   history = None
   try:
-    result = simulate(algo, model, train, rounds=config["rounds"],
-                      clients_per_round=config["clients_per_round"],
-                      client_fraction=config["client_fraction"], seed=config["seed"], test=test,
-                      eval_every=config["eval_every"], plan=config["plan"],
-                      chunk_size=config["chunk_size"], rounds_per_block=config["rounds_per_block"],
-                      callback=log)
+    result = simulate(algo, model, train, test=test, callback=log, **run_args)
     history = result.history
     summary["engine"] = result.info
   except TrainingDiverged as e:

@@ -112,11 +112,6 @@ def auto_chunk_size(param_count: int, batch: int) -> int:
 def choose_plan(plan: str, chunk_size: int | None, model: Model, params, feature_shape,
                 batch: int, backend: str) -> round_lib.Plan:
   """Resolves ``plan="auto"`` per backend and model size; validates explicit choices."""
-  if plan not in round_lib.PLANS:
-    raise ValueError(f"plan must be one of {', '.join(round_lib.PLANS)}, got {plan!r}")
-  if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
-                                 or chunk_size <= 0):
-    raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
   conv = contains_convolution(model.apply, params, jnp.zeros((1, *feature_shape), jnp.float32))
   unroll = conv and backend == "cpu"
   if plan == "auto":
@@ -162,6 +157,34 @@ def _positive_int(name, value):
   return value
 
 
+def check_arguments(algorithm, model, train, test=None, rounds=1, clients_per_round=None,
+                    client_fraction=None, seed=0, eval_every=1, plan="auto", chunk_size=None,
+                    rounds_per_block=None) -> tuple[int, int]:
+  """Validates :func:`simulate`'s arguments; returns ``(cohort_size, rounds_per_block)``.
+
+  Raises:
+    ValueError: naming the first bad argument and its value.
+  """
+  if not isinstance(algorithm, Algorithm):
+    raise ValueError(f"algorithm must come from fedjax_sim.algorithms, got {type(algorithm).__name__}")
+  if not isinstance(model, Model):
+    raise ValueError(f"model must be a fedjax_sim.models.Model, got {type(model).__name__}")
+  if not isinstance(train, FederatedData):
+    raise ValueError(f"train must be a FederatedData, got {type(train).__name__}")
+  if test is not None and not isinstance(test, FederatedData):
+    raise ValueError(f"test must be a FederatedData or None, got {type(test).__name__}")
+  if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+    raise ValueError(f"seed must be an integer, got {seed!r}")
+  rounds = _positive_int("rounds", rounds)
+  eval_every = _positive_int("eval_every", eval_every)
+  if plan not in round_lib.PLANS:
+    raise ValueError(f"plan must be one of {', '.join(round_lib.PLANS)}, got {plan!r}")
+  if chunk_size is not None:
+    _positive_int("chunk_size", chunk_size)
+  block_len = min(rounds, _positive_int("rounds_per_block", rounds_per_block or 10))
+  return _cohort_size(train.num_clients, clients_per_round, client_fraction), block_len
+
+
 def simulate(algorithm: Algorithm, model: Model, train: FederatedData, rounds: int = 100,
              clients_per_round: int | None = None, client_fraction: float | None = None,
              seed: int = 0, test: FederatedData | None = None, init_params=None,
@@ -194,21 +217,9 @@ def simulate(algorithm: Algorithm, model: Model, train: FederatedData, rounds: i
     ValueError / DataError: bad arguments, naming the bad value.
     TrainingDiverged: the model became non-finite; ``.history`` keeps the rows before it.
   """
-  if not isinstance(algorithm, Algorithm):
-    raise ValueError(f"algorithm must come from fedjax_sim.algorithms, got {type(algorithm).__name__}")
-  if not isinstance(model, Model):
-    raise ValueError(f"model must be a fedjax_sim.models.Model, got {type(model).__name__}")
-  if not isinstance(train, FederatedData):
-    raise ValueError(f"train must be a FederatedData, got {type(train).__name__}")
-  if test is not None and not isinstance(test, FederatedData):
-    raise ValueError(f"test must be a FederatedData or None, got {type(test).__name__}")
-  if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-    raise ValueError(f"seed must be an integer, got {seed!r}")
-  rounds = _positive_int("rounds", rounds)
-  eval_every = _positive_int("eval_every", eval_every)
-  block_len = min(rounds, _positive_int("rounds_per_block", rounds_per_block or 10))
-  cohort_size = _cohort_size(train.num_clients, clients_per_round, client_fraction)
-
+  cohort_size, block_len = check_arguments(
+      algorithm, model, train, test, rounds, clients_per_round, client_fraction, seed, eval_every,
+      plan, chunk_size, rounds_per_block)
   key = jax.random.key(int(seed))
   params = model.init(jax.random.fold_in(key, STREAM_INIT)) if init_params is None else init_params
   params = jax.tree.map(jnp.asarray, params)

@@ -1,0 +1,98 @@
+"""The command line end to end, and its one-line errors for bad input."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from fedjax_sim.cli import CONFIG_KEYS, main
+
+SMALL = ["--set", "dataset=logistic_demo", "--set", "model=logistic_regression",
+         "--set", "clients_per_round=3", "--set", "batch_size=64", "--set", "rounds=4",
+         "--set", "eval_every=2", "--quiet"]
+
+
+def test_run_writes_run_directory(tmp_path, capsys):
+  config = tmp_path / "exp.toml"
+  config.write_text('local_epochs = 2\nclient_lr = 0.1\n')
+  out = tmp_path / "run"
+  assert main(["run", "--config", str(config), "--out", str(out), *SMALL]) == 0
+  resolved = json.loads((out / "config.json").read_text())
+  assert resolved["local_epochs"] == 2 and resolved["rounds"] == 4
+  rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+  assert [r["round"] for r in rows] == [2, 4]
+  assert {"train_loss", "train_accuracy", "elapsed"} <= rows[0].keys()
+  summary = json.loads((out / "summary.json").read_text())
+  assert summary["status"] == "completed" and summary["final"]["round"] == 4
+  assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+  printed = capsys.readouterr().out
+  assert "train_loss" in printed and "clients per round" in printed
+  # the same --out again must not overwrite the finished run
+  assert main(["run", "--out", str(out), *SMALL]) == 2
+  assert "not empty" in capsys.readouterr().err
+
+
+def _error(args, capsys, tmp_path):
+  code = main(["run", "--out", str(tmp_path / "r"), *SMALL, *args])
+  err = capsys.readouterr().err.strip()
+  assert code == 2, err
+  assert "Traceback" not in err and err.startswith("fedjax-sim: error:")
+  return err
+
+
+@pytest.mark.parametrize("setting,expected", [
+    ("colour=blue", "unknown config key 'colour'"),
+    ("rounds=0", "rounds must be a positive integer, got 0"),
+    ("batch_size=-4", "batch_size must be a positive integer or None, got -4"),
+    ("local_epochs=0", "local_epochs must be a positive integer"),
+    ("client_lr=-1", "client_lr must be a positive finite number, got -1"),
+    ("clients_per_round=9", "clients_per_round=9 is larger than the population of 5"),
+    ("client_fraction=1.5", "client_fraction must be in (0, 1], got 1.5"),
+    ("algorithm=fedmagic", "unknown algorithm 'fedmagic'"),
+    ("model=transformer", "unknown model 'transformer'"),
+    ("plan=warp", "plan must be one of"),
+])
+def test_bad_values_get_one_line_errors(setting, expected, capsys, tmp_path):
+  assert expected in _error(["--set", setting], capsys, tmp_path)
+
+
+def _npz(tmp_path, **arrays):
+  path = tmp_path / "data.npz"
+  np.savez(path, **arrays)
+  return ["--set", "dataset=npz", "--set", f"dataset_options.path='{path}'",
+          "--set", "clients_per_round=none"]
+
+
+@pytest.mark.parametrize("arrays,expected", [
+    ({"x/a": np.zeros((0, 4)), "y/a": np.zeros(0, int)}, "client 'a' has no examples"),
+    ({"x/a": np.zeros((3, 4)), "y/a": np.zeros(2, int)}, "x has 3 examples but y has 2"),
+    ({"x/a": np.full((2, 4), np.nan), "y/a": np.zeros(2, int)}, "NaN"),
+])
+def test_bad_data_files_get_one_line_errors(arrays, expected, capsys, tmp_path):
+  assert expected in _error(_npz(tmp_path, **arrays), capsys, tmp_path)
+
+
+def test_diverging_learning_rate_stops_and_keeps_metrics(tmp_path, capsys):
+  out = tmp_path / "run"
+  code = main(["run", "--out", str(out), "--quiet", "--set", "dataset=linear_regression",
+               "--set", "model=linear_regression", "--set", "client_lr=100",
+               "--set", "rounds=20", "--set", "eval_every=1", "--set", "clients_per_round=none"])
+  err = capsys.readouterr().err
+  assert code == 3
+  assert "diverged at round" in err and "Traceback" not in err
+  summary = json.loads((out / "summary.json").read_text())
+  assert summary["status"] == "diverged"
+  rows = (out / "metrics.jsonl").read_text().splitlines()
+  assert len(rows) == summary["diverged_at_round"] - 1 >= 1
+
+
+def test_help_lists_every_key():
+  text = subprocess.run([sys.executable, "-m", "fedjax_sim.cli", "run", "--help"],
+                        capture_output=True, text=True, check=True).stdout
+  for key in CONFIG_KEYS:
+    assert key in text
+  top = subprocess.run([sys.executable, "-m", "fedjax_sim.cli", "--help"], capture_output=True,
+                       text=True, check=True).stdout
+  assert "run" in top and "list" in top

@@ -1,0 +1,70 @@
+"""Plans, blocks and buckets change speed, never results; the block compiles once."""
+
+import jax
+import numpy as np
+import pytest
+
+import fedjax_sim as fs
+
+
+@pytest.fixture(scope="module")
+def setup():
+  rng = np.random.default_rng(0)
+  sizes = [3, 5, 8, 13, 21, 34, 2, 40, 6, 9]  # several size buckets
+  w = rng.normal(size=(4, 3))
+  xs = [rng.normal(size=(n, 4)).astype(np.float32) for n in sizes]
+  ys = [np.argmax(x @ w, 1).astype(np.int32) for x in xs]
+  fd = fs.FederatedData.from_arrays(xs, ys)
+  model = fs.models.mlp(4, (8,), 3)
+  algo = fs.algorithms.fedavg(client_lr=0.1, local_epochs=2, batch_size=4)
+  return fd, model, algo
+
+
+def _run(setup, **kw):
+  fd, model, algo = setup
+  args = dict(rounds=5, clients_per_round=6, seed=3, eval_every=2)
+  args.update(kw)
+  return fs.simulate(algo, model, fd, **args)
+
+
+def _assert_same(a, b, tol=1e-5):
+  for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=tol, atol=tol)
+  np.testing.assert_allclose(a.history["train_loss"], b.history["train_loss"], rtol=tol)
+
+
+def test_plans_agree(setup):
+  base = _run(setup, plan="vmap")
+  assert base.info["num_buckets"] > 1
+  for plan, chunk in [("chunked", 2), ("scan", None), ("host_loop", 3)]:
+    other = _run(setup, plan=plan, chunk_size=chunk)
+    assert other.info["plan"] == plan
+    _assert_same(base, other)
+
+
+def test_bucketing_and_block_size_do_not_change_results(setup):
+  base = _run(setup)
+  _assert_same(base, _run(setup, bucketing=False))
+  _assert_same(base, _run(setup, rounds_per_block=1))
+  _assert_same(base, _run(setup, rounds_per_block=3))  # last block is partial
+
+
+def test_same_seed_same_numbers_other_seed_other_numbers(setup):
+  a, b = _run(setup), _run(setup)
+  for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  assert a.history == {k: v for k, v in b.history.items() if k != "elapsed"} | {
+      "elapsed": a.history["elapsed"]}
+  c = _run(setup, seed=4)
+  assert not np.allclose(c.history["train_loss"], a.history["train_loss"])
+
+
+def test_no_recompilation_after_first_block(setup):
+  res = _run(setup, rounds=7, rounds_per_block=2)  # four blocks, the last one partial
+  assert res.info["compilations"] == 1
+
+
+def test_eval_schedule(setup):
+  res = _run(setup, rounds=5, eval_every=2)
+  assert res.history["round"] == [2, 4, 5]
+  assert set(res.history) >= {"round", "train_loss", "train_accuracy", "elapsed"}

@@ -32,11 +32,14 @@ class BucketShape(NamedTuple):
     batch: static batch width (``B``, or ``L`` for full-batch training).
     num_steps: ``S``, the largest per-round step count in the bucket (scan length).
     num_epochs: permutations drawn per client and round (``E``, or enough epochs to cover ``H``).
+    equal_steps: every client of the bucket takes exactly ``num_steps`` steps, so no step needs
+      masking (empty cohort slots still run, and the round discards them).
   """
   max_examples: int
   batch: int
   num_steps: int
   num_epochs: int
+  equal_steps: bool = False
 
 
 def steps_per_epoch(num_examples, batch_size: int | None):
@@ -62,7 +65,8 @@ def bucket_shape(num_examples: np.ndarray, algo: Algorithm) -> BucketShape:
     epochs = algo.local_epochs
   else:  # the smallest client cycles through the most epochs
     epochs = -(-algo.local_steps // int(steps_per_epoch(smallest, algo.batch_size)))
-  return BucketShape(largest, batch, steps, epochs)
+  equal = steps == int(num_local_steps(smallest, algo))
+  return BucketShape(largest, batch, steps, epochs, equal)
 
 
 def epoch_orders(keys: jax.Array, num_examples: jax.Array, shape: BucketShape,
@@ -137,6 +141,8 @@ def local_train(model, algo: Algorithm, shape: BucketShape, params, x_all: jax.A
     grads = jax.grad(model.loss)(w, x_all[rows], y_all[rows], real)
     updates, new_opt_state = opt.update(grads, opt_state, w)
     new_w = optax.apply_updates(w, updates)
+    if shape.equal_steps:
+      return (new_w, new_opt_state), None
     active = t < my_steps
     keep = lambda new, old: jnp.where(active, new, old)
     return (jax.tree.map(keep, new_w, w), jax.tree.map(keep, new_opt_state, opt_state)), None

@@ -88,6 +88,13 @@ class FederatedData:
       y_all = y_all.astype(np.float32)
     return cls(x_all, y_all, np.array([len(x) for x in xs]), client_ids)
 
+  def device_arrays(self):
+    """``(x, y)`` as JAX arrays on the default device, copied once and cached."""
+    if getattr(self, "_device", None) is None:
+      import jax.numpy as jnp
+      self._device = (jnp.asarray(self.x), jnp.asarray(self.y))
+    return self._device
+
   @property
   def num_clients(self) -> int:
     return len(self.num_examples)

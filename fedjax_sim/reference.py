@@ -61,27 +61,28 @@ def local_sgd(kind, params, x, y, lr, epochs, batch_size, rng=None):
     for start in range(0, n, b):
       idx = order[start:start + b]
       g = grad(kind, w, x[idx], y[idx])
-      w = _tree(lambda p, q: p - lr * q, w, g)
+      w = _tree(lambda p, q: p - p.dtype.type(lr) * q, w, g)
   return w
 
 
 def fedavg(kind, params, clients, rounds, lr, epochs, batch_size, cohort=None, rng=None,
-           weighting="num_examples"):
+           weighting="num_examples", dtype=np.float64):
   """FedAvg over ``clients`` (a list of ``(x, y)``).
 
   Args:
     cohort: ``fn(round) -> client indices``; default every client every round.
     rng: a ``numpy.random.Generator`` for the epoch shuffles (``None``: in-order batches).
+    dtype: arithmetic precision (float64 for tests, float32 for fair timing).
   """
-  w = _tree(lambda a: np.asarray(a, np.float64), params)
+  w = _tree(lambda a: np.asarray(a, dtype), params)
   for r in range(1, rounds + 1):
     ids = range(len(clients)) if cohort is None else cohort(r)
     total, acc = 0.0, None
     for k in ids:
       x, y = clients[k]
       wk = local_sgd(kind, w, x, y, lr, epochs, batch_size, rng)
-      weight = float(len(x)) if weighting == "num_examples" else 1.0
+      weight = dtype(len(x)) if weighting == "num_examples" else 1.0
       acc = _tree(lambda a: weight * a, wk) if acc is None else _tree(lambda a, b: a + weight * b, acc, wk)
       total += weight
-    w = _tree(lambda a: a / total, acc)
+    w = _tree(lambda a: a / dtype(total), acc)
   return w

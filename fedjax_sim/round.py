@@ -156,7 +156,7 @@ def build_engine(model, algo: Algorithm, train, plan: Plan, cohort_size: int, tr
   num_clients = train.num_clients
   buckets, bucket_of, _ = make_buckets(train.num_examples, algo, cohort_size, plan.chunk_size,
                                        bucketing)
-  x_all, y_all = jnp.asarray(train.x), jnp.asarray(train.y)
+  x_all, y_all = train.device_arrays()
   offsets = jnp.asarray(train.offsets, jnp.int32)
   counts = jnp.asarray(train.num_examples, jnp.int32)
   bucket_of_dev = jnp.asarray(bucket_of)
@@ -170,10 +170,17 @@ def build_engine(model, algo: Algorithm, train, plan: Plan, cohort_size: int, tr
     orders = client_lib.epoch_orders(keys, n, shape, algo.shuffle)
     train_one = lambda off, n_k, order: client_lib.local_train(
         model, algo, shape, params, x_all, y_all, off, n_k, order, unroll=plan.unroll)
-    client_params, _ = jax.vmap(train_one)(offsets[ids], n, orders)
+    if ids.shape[0] == 1:  # one client: no vmap, so convolutions stay ungrouped
+      client_params, _ = train_one(offsets[ids][0], n[0], orders[0])
+      client_params = jax.tree.map(lambda a: a[None], client_params)
+    else:
+      client_params, _ = jax.vmap(train_one)(offsets[ids], n, orders)
     weights = jnp.where(present, 1.0 if uniform else n.astype(jnp.float32), 0.0)
+    # where(): an empty slot's params never reach the sum, even if its unmasked steps made them
+    # non-finite (buckets with equal step counts do not mask steps).
     delta_sum = jax.tree.map(
-        lambda cp, p: jnp.tensordot(weights, (cp - p[None]).astype(jnp.float32), axes=1),
+        lambda cp, p: jnp.tensordot(weights, jnp.where(
+            present.reshape(-1, *([1] * p.ndim)), cp - p[None], 0).astype(jnp.float32), axes=1),
         client_params, params)
     return delta_sum, jnp.sum(weights)
 

@@ -52,7 +52,7 @@ def dataset_evaluator(model: Model, data: FederatedData, prefix: str, unroll: bo
 
   The example-weighted mean over clients equals the mean over the flat example array.
   """
-  x, y = jnp.asarray(data.x), jnp.asarray(data.y)
+  x, y = data.device_arrays()
   total = data.total_examples
   batch = min(EVAL_BATCH, total)
   num_batches = -(-total // batch)
@@ -101,12 +101,14 @@ def contains_convolution(fn: Callable, *args) -> bool:
 
 
 def auto_chunk_size(param_count: int, batch: int) -> int:
-  """CPU chunk size: enough clients per vmap to fill the cores, few enough to stay in cache.
+  """CPU chunk size: about 1e8 multiply-adds (``chunk · params · batch``) per vmapped step.
 
-  Chosen from benchmarks/engine.py (see docs/design.md): about 2M multiply-adds per chunk step.
+  Measured in benchmarks/engine.py on a 2-core CPU (docs/design.md): the 2NN (199k params, B=32)
+  was fastest at 16 clients per chunk (its chunk's params, ~13 MB, stay in cache), softmax
+  regression (610 params, B=16) at 256–1024.
   """
   work = max(1, param_count * batch)
-  return int(min(1024, max(1, 2 ** round(math.log2(max(1.0, 2e6 / work))))))
+  return int(min(1024, max(1, 2 ** round(math.log2(max(1.0, 1e8 / work))))))
 
 
 def choose_plan(plan: str, chunk_size: int | None, model: Model, params, feature_shape,
@@ -249,6 +251,7 @@ def simulate(algorithm: Algorithm, model: Model, train: FederatedData, rounds: i
   }
 
   history: dict[str, list] = {"round": []}
+  block_seconds = []
   state = engine.init_state(params)
   start = time.perf_counter()
   for first in range(1, rounds + 1, block_len):
@@ -259,6 +262,7 @@ def simulate(algorithm: Algorithm, model: Model, train: FederatedData, rounds: i
                                       jnp.asarray(do_eval))
     metrics = jax.device_get(metrics)
     elapsed = time.perf_counter() - start
+    block_seconds.append(elapsed - sum(block_seconds))
     rows, diverged = [], None
     for i, r in enumerate(round_nums):
       if not active[i]:
@@ -277,6 +281,7 @@ def simulate(algorithm: Algorithm, model: Model, train: FederatedData, rounds: i
     if diverged is not None:
       raise TrainingDiverged(diverged, history)
   info["seconds"] = time.perf_counter() - start
+  info["block_seconds"] = block_seconds  # the first includes compilation
   cache_size = getattr(engine.run_block, "_cache_size", None)
   info["compilations"] = cache_size() if cache_size else None
   return SimulationResult(state.params, history, info)

@@ -1,0 +1,216 @@
+"""Engine benchmark: the vectorized round against a NumPy client loop and a per-client jitted loop.
+
+Workloads (same data and hyper-parameters for every implementation, full participation):
+  W1  softmax regression 60→10, 64 examples/client, E=1, B=16, K ∈ {100, 1000, 10000}
+  W2  2NN 784-200-200-10,      128 examples/client, E=1, B=32, K ∈ {10, 100, 1000}
+  W3  McMahan CNN 28×28×1,      64 examples/client, E=1, B=32, K ∈ {10}
+
+Implementations:
+  numpy       the seeds' style: Python loop over clients and batches, NumPy maths (float32)
+  per_client  FedJAX's execution model: Python loop over clients and batches, one jitted step
+  engine      fedjax_sim.simulate (plan "auto" unless --plan), steady-state blocks only
+
+Each (workload, implementation) runs in its own subprocess so its peak RSS is its own. FLOPs come
+from XLA's cost analysis of one training step; the peak is a 2048² float32 matmul timed in the same
+run. Usage: ``python benchmarks/engine.py [--quick] [--out results.json]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+WORKLOADS = {
+    "W1": dict(model="softmax", examples=64, batch=16, lr=0.1, sizes=[100, 1000, 10000]),
+    "W2": dict(model="2nn", examples=128, batch=32, lr=0.05, sizes=[10, 100, 1000]),
+    "W3": dict(model="cnn", examples=64, batch=32, lr=0.05, sizes=[10]),
+}
+
+
+def _model(name):
+  import fedjax_sim as fs
+  if name == "softmax":
+    return fs.models.softmax_regression(60, 10), (60,), "softmax"
+  if name == "2nn":
+    return fs.models.mlp(784, (200, 200), 10), (784,), "mlp"
+  return fs.models.cnn((28, 28, 1), 10), (28, 28, 1), None
+
+
+def _data(workload, num_clients, seed=0):
+  import numpy as np
+  spec = WORKLOADS[workload]
+  _, shape, _ = _model(spec["model"])
+  rng = np.random.default_rng(seed)
+  xs = [rng.standard_normal((spec["examples"], *shape), dtype=np.float32) for _ in range(num_clients)]
+  ys = [rng.integers(0, 10, spec["examples"]).astype(np.int32) for _ in range(num_clients)]
+  return xs, ys
+
+
+def _step_flops(model, params, shape, batch):
+  import jax
+  import jax.numpy as jnp
+  x = jnp.zeros((batch, *shape), jnp.float32)
+  y = jnp.zeros((batch,), jnp.int32)
+  cost = jax.jit(jax.grad(model.loss)).lower(params, x, y).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  return float(cost.get("flops", 0.0))
+
+
+def run_case(workload, impl, num_clients, reps, plan, chunk_size):
+  """Times one implementation; returns seconds per steady-state round and more."""
+  import jax
+  import numpy as np
+  import fedjax_sim as fs
+  from fedjax_sim import reference
+  spec = WORKLOADS[workload]
+  model, shape, ref_kind = _model(spec["model"])
+  xs, ys = _data(workload, num_clients)
+  params = model.init(jax.random.key(0))
+  info = {}
+  if impl == "numpy":
+    clients = list(zip(xs, ys))
+    p = jax.tree.map(np.asarray, params)
+    rng = np.random.default_rng(0)
+    reference.fedavg(ref_kind, p, clients[:2], 1, spec["lr"], 1, spec["batch"], rng=rng,
+                     dtype=np.float32)  # warm up
+    per_round = _best_of(reps, lambda: reference.fedavg(
+        ref_kind, p, clients, 1, spec["lr"], 1, spec["batch"], rng=rng, dtype=np.float32))
+  elif impl == "per_client":
+    import jax.numpy as jnp
+    import optax
+    @jax.jit
+    def step(w, x, y):
+      g = jax.grad(model.loss)(w, x, y)
+      return optax.apply_updates(w, jax.tree.map(lambda q: -spec["lr"] * q, g))
+    @jax.jit
+    def accumulate(acc, w, weight):
+      return jax.tree.map(lambda a, b: a + weight * b, acc, w)
+    rng = np.random.default_rng(0)
+    def one_round(w):  # batches are cut on the host with NumPy, as FedJAX does
+      acc = jax.tree.map(jnp.zeros_like, w)
+      total = 0.0
+      for x, y in zip(xs, ys):
+        wk = w
+        order = rng.permutation(len(x))
+        for s in range(0, len(x), spec["batch"]):
+          idx = order[s:s + spec["batch"]]
+          wk = step(wk, x[idx], y[idx])
+        acc = accumulate(acc, wk, float(len(x)))
+        total += len(x)
+      return jax.tree.map(lambda a: a / total, acc)
+    jax.block_until_ready(one_round(params))  # compile
+    per_round = _best_of(reps, lambda: jax.block_until_ready(one_round(params)))
+  else:
+    fd = fs.FederatedData.from_arrays(xs, ys)
+    algo = fs.algorithms.fedavg(client_lr=spec["lr"], local_epochs=1, batch_size=spec["batch"])
+    block = 3 if num_clients <= 100 else 1
+    res = fs.simulate(algo, model, fd, rounds=(reps + 2) * block, rounds_per_block=block,
+                      eval_every=10 ** 6, init_params=params, plan=plan, chunk_size=chunk_size)
+    # the first block compiles and the last one evaluates: the best of the others
+    per_round = min(res.info["block_seconds"][1:-1]) / block
+    info = {k: res.info[k] for k in ("plan", "chunk_size", "unroll")}
+    info["compile_and_first_block_s"] = res.info["block_seconds"][0]
+  steps = num_clients * (spec["examples"] // spec["batch"])
+  flops = steps * _step_flops(model, params, shape, spec["batch"])
+  return dict(workload=workload, impl=impl, clients=num_clients, ms_per_round=per_round * 1e3,
+              client_updates_per_s=num_clients / per_round, gflops=flops / per_round / 1e9,
+              peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, **info)
+
+
+def _best_of(reps, fn):
+  """Seconds of the fastest of ``reps`` calls (the machine's noise only ever adds time)."""
+  best = float("inf")
+  for _ in range(reps):
+    t = time.perf_counter()
+    fn()
+    best = min(best, time.perf_counter() - t)
+  return best
+
+
+def matmul_peak_gflops(n=2048, reps=10):
+  import jax
+  import jax.numpy as jnp
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  f = jax.jit(lambda a: a @ a)
+  f(a).block_until_ready()
+  best = float("inf")
+  for _ in range(reps):
+    t = time.perf_counter()
+    f(a).block_until_ready()
+    best = min(best, time.perf_counter() - t)
+  return 2 * n ** 3 / best / 1e9
+
+
+def _subprocess_case(args_list):
+  out = subprocess.run([sys.executable, __file__, "--case", *args_list], capture_output=True,
+                       text=True, env=dict(os.environ, PYTHONPATH=os.path.dirname(
+                           os.path.dirname(os.path.abspath(__file__)))))
+  if out.returncode != 0:
+    raise RuntimeError(f"case {args_list} failed:\n{out.stderr[-3000:]}")
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def table(rows, peak):
+  head = (f"{'workload':<8} {'K':>6} {'impl':<22} {'ms/round':>10} {'updates/s':>10} "
+          f"{'GFLOP/s':>8} {'%peak':>6} {'RSS MB':>7} {'vs numpy':>9} {'vs per-client':>13}")
+  lines = [head, "-" * len(head)]
+  for r in rows:
+    base = {b["impl"]: b["ms_per_round"] for b in rows
+            if b["workload"] == r["workload"] and b["clients"] == r["clients"]}
+    ratio = lambda k: f"{base[k] / r['ms_per_round']:.2f}x" if k in base else "-"
+    name = r["impl"] if r["impl"] != "engine" else f"engine[{r['plan']},{r['chunk_size']}]"
+    lines.append(f"{r['workload']:<8} {r['clients']:>6} {name:<22} {r['ms_per_round']:>10.1f} "
+                 f"{r['client_updates_per_s']:>10.0f} {r['gflops']:>8.2f} "
+                 f"{100 * r['gflops'] / peak:>5.1f}% {r['peak_rss_mb']:>7.0f} {ratio('numpy'):>9} "
+                 f"{ratio('per_client'):>13}")
+  return "\n".join(lines)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--case", nargs=5, help=argparse.SUPPRESS)
+  parser.add_argument("--quick", action="store_true", help="smallest K of each workload only")
+  parser.add_argument("--workloads", default="W1,W2,W3")
+  parser.add_argument("--plans", default="auto", help="comma list, e.g. auto,vmap,chunked:64")
+  parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
+                                                    "engine_cpu.json"))
+  args = parser.parse_args()
+  if args.case:
+    workload, impl, k, plan, chunk = args.case
+    print(json.dumps(run_case(workload, impl, int(k), reps=3,
+                              plan=plan, chunk_size=None if chunk == "none" else int(chunk))))
+    return
+  import jax
+  peak = matmul_peak_gflops()
+  print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), "
+        f"{os.cpu_count()} cores; f32 matmul peak {peak:.1f} GFLOP/s", flush=True)
+  rows = []
+  for workload in args.workloads.split(","):
+    sizes = WORKLOADS[workload]["sizes"][:1] if args.quick else WORKLOADS[workload]["sizes"]
+    for k in sizes:
+      impls = ["per_client"] if workload == "W3" else ["numpy", "per_client"]
+      cases = [(i, "auto", "none") for i in impls]
+      for p in args.plans.split(","):
+        plan, _, chunk = p.partition(":")
+        cases.append(("engine", plan, chunk or "none"))
+      for impl, plan, chunk in cases:
+        row = _subprocess_case([workload, impl, str(k), plan, chunk])
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+  text = table(rows, peak)
+  print(text)
+  os.makedirs(os.path.dirname(args.out), exist_ok=True)
+  with open(args.out, "w") as f:
+    json.dump({"device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
+               "cores": os.cpu_count(), "machine": platform.machine(), "jax": jax.__version__,
+               "matmul_peak_gflops": peak, "rows": rows, "table": text}, f, indent=2)
+
+
+if __name__ == "__main__":
+  main()

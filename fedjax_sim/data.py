@@ -81,11 +81,11 @@ class FederatedData:
     x_all = np.concatenate(xs)
     y_all = np.concatenate(ys)
     if np.issubdtype(x_all.dtype, np.floating) or x_all.dtype == np.bool_:
-      x_all = x_all.astype(np.float32)
+      x_all = x_all.astype(np.float32, copy=False)
     if np.issubdtype(y_all.dtype, np.integer) or y_all.dtype == np.bool_:
-      y_all = y_all.astype(np.int32)
+      y_all = y_all.astype(np.int32, copy=False)
     else:
-      y_all = y_all.astype(np.float32)
+      y_all = y_all.astype(np.float32, copy=False)
     return cls(x_all, y_all, np.array([len(x) for x in xs]), client_ids)
 
   def device_arrays(self):

@@ -10,6 +10,10 @@ Implementations:
   per_client  FedJAX's execution model: Python loop over clients and batches, one jitted step
   engine      fedjax_sim.simulate (plan "auto" unless --plan), steady-state blocks only
 
+Workload P times the engine on a power-law population three ways: with size buckets (engine),
+without (engine_unbucketed: every client padded to the largest), and on an equal-size population
+with the same total number of examples (engine_equal_sizes) — the cost of heterogeneity.
+
 Each (workload, implementation) runs in its own subprocess so its peak RSS is its own. FLOPs come
 from XLA's cost analysis of one training step; the peak is a 2048² float32 matmul timed in the same
 run. Usage: ``python benchmarks/engine.py [--quick] [--out results.json]``.
@@ -30,6 +34,8 @@ WORKLOADS = {
     "W1": dict(model="softmax", examples=64, batch=16, lr=0.1, sizes=[100, 1000, 10000]),
     "W2": dict(model="2nn", examples=128, batch=32, lr=0.05, sizes=[10, 100, 1000]),
     "W3": dict(model="cnn", examples=64, batch=32, lr=0.05, sizes=[10]),
+    # client-size heterogeneity: the default 5,000-client power-law population, 500 per round
+    "P": dict(model="softmax", examples=None, batch=16, lr=0.1, sizes=[500]),
 }
 
 
@@ -46,6 +52,11 @@ def _data(workload, num_clients, seed=0):
   import numpy as np
   spec = WORKLOADS[workload]
   _, shape, _ = _model(spec["model"])
+  if workload == "P":
+    from fedjax_sim.datasets import power_law_population
+    train, _ = power_law_population(num_clients=5000, seed=seed)
+    pairs = [train.client(i) for i in range(train.num_clients)]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
   rng = np.random.default_rng(seed)
   xs = [rng.standard_normal((spec["examples"], *shape), dtype=np.float32) for _ in range(num_clients)]
   ys = [rng.integers(0, 10, spec["examples"]).astype(np.int32) for _ in range(num_clients)]
@@ -107,16 +118,27 @@ def run_case(workload, impl, num_clients, reps, plan, chunk_size):
     jax.block_until_ready(one_round(params))  # compile
     per_round = _best_of(reps, lambda: jax.block_until_ready(one_round(params)))
   else:
+    if impl == "engine_equal_sizes":  # same total examples, every client the mean size
+      flat_x, flat_y = np.concatenate(xs), np.concatenate(ys)
+      size = len(flat_x) // len(xs)
+      xs = [flat_x[i * size:(i + 1) * size] for i in range(len(xs))]
+      ys = [flat_y[i * size:(i + 1) * size] for i in range(len(ys))]
     fd = fs.FederatedData.from_arrays(xs, ys)
     algo = fs.algorithms.fedavg(client_lr=spec["lr"], local_epochs=1, batch_size=spec["batch"])
     block = 3 if num_clients <= 100 else 1
     res = fs.simulate(algo, model, fd, rounds=(reps + 2) * block, rounds_per_block=block,
-                      eval_every=10 ** 6, init_params=params, plan=plan, chunk_size=chunk_size)
+                      eval_every=10 ** 6, init_params=params, plan=plan, chunk_size=chunk_size,
+                      clients_per_round=min(num_clients, fd.num_clients),
+                      bucketing=impl != "engine_unbucketed")
     # the first block compiles and the last one evaluates: the best of the others
     per_round = min(res.info["block_seconds"][1:-1]) / block
-    info = {k: res.info[k] for k in ("plan", "chunk_size", "unroll")}
+    info = {k: res.info[k] for k in ("plan", "chunk_size", "unroll", "padding_waste")}
     info["compile_and_first_block_s"] = res.info["block_seconds"][0]
-  steps = num_clients * (spec["examples"] // spec["batch"])
+  if workload == "P":  # expected steps of a uniformly sampled cohort
+    sizes = np.array([len(x) for x in xs])
+    steps = num_clients * float(np.mean(-(-sizes // spec["batch"])))
+  else:
+    steps = num_clients * (spec["examples"] // spec["batch"])
   flops = steps * _step_flops(model, params, shape, spec["batch"])
   return dict(workload=workload, impl=impl, clients=num_clients, ms_per_round=per_round * 1e3,
               client_updates_per_s=num_clients / per_round, gflops=flops / per_round / 1e9,
@@ -165,6 +187,8 @@ def table(rows, peak):
             if b["workload"] == r["workload"] and b["clients"] == r["clients"]}
     ratio = lambda k: f"{base[k] / r['ms_per_round']:.2f}x" if k in base else "-"
     name = r["impl"] if r["impl"] != "engine" else f"engine[{r['plan']},{r['chunk_size']}]"
+    if r["workload"] == "P" and "engine" in base:
+      name, ratio = r["impl"], lambda k, r=r: f"{r['ms_per_round'] / base['engine']:.2f}x cost"
     lines.append(f"{r['workload']:<8} {r['clients']:>6} {name:<22} {r['ms_per_round']:>10.1f} "
                  f"{r['client_updates_per_s']:>10.0f} {r['gflops']:>8.2f} "
                  f"{100 * r['gflops'] / peak:>5.1f}% {r['peak_rss_mb']:>7.0f} {ratio('numpy'):>9} "
@@ -176,7 +200,7 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--case", nargs=5, help=argparse.SUPPRESS)
   parser.add_argument("--quick", action="store_true", help="smallest K of each workload only")
-  parser.add_argument("--workloads", default="W1,W2,W3")
+  parser.add_argument("--workloads", default="W1,W2,W3,P")
   parser.add_argument("--plans", default="auto", help="comma list, e.g. auto,vmap,chunked:64")
   parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
                                                     "engine_cpu.json"))
@@ -194,11 +218,13 @@ def main():
   for workload in args.workloads.split(","):
     sizes = WORKLOADS[workload]["sizes"][:1] if args.quick else WORKLOADS[workload]["sizes"]
     for k in sizes:
-      impls = ["per_client"] if workload == "W3" else ["numpy", "per_client"]
+      impls = {"W3": ["per_client"], "P": []}.get(workload, ["numpy", "per_client"])
       cases = [(i, "auto", "none") for i in impls]
       for p in args.plans.split(","):
         plan, _, chunk = p.partition(":")
         cases.append(("engine", plan, chunk or "none"))
+      if workload == "P":
+        cases += [("engine_unbucketed", "auto", "none"), ("engine_equal_sizes", "auto", "none")]
       for impl, plan, chunk in cases:
         row = _subprocess_case([workload, impl, str(k), plan, chunk])
         rows.append(row)

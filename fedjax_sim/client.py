@@ -106,46 +106,49 @@ def epoch_orders(keys: jax.Array, num_examples: jax.Array, shape: BucketShape,
   return orders.T.reshape(num_clients, epochs, length)
 
 
-def local_train(model, algo: Algorithm, shape: BucketShape, params, x_all: jax.Array,
-                y_all: jax.Array, offset: jax.Array, num_examples: jax.Array,
-                orders: jax.Array, unroll: bool | int = 1):
-  """Runs one client's local SGD from ``params`` and returns its final params.
+def local_step(model, algo: Algorithm, shape: BucketShape, x_all: jax.Array, y_all: jax.Array,
+               carry, t: jax.Array, offset: jax.Array, num_examples: jax.Array, orders: jax.Array):
+  """Local step ``t`` of one client: ``carry = (params, opt_state)`` → the next carry.
 
   Args:
     model: the :class:`~fedjax_sim.models.Model`.
     algo: the algorithm (batch size, epochs/steps, client optimizer).
     shape: the bucket's static shapes.
-    params: the global params the client starts from.
     x_all, y_all: the population's flat example arrays.
+    carry: ``(params, client_opt_state)``.
+    t: the step index (0-based).
     offset: first row of this client in ``x_all``.
     num_examples: ``n`` of this client; ``0`` marks an empty slot (every step masked).
     orders: ``[num_epochs, max_examples]`` example order per epoch (see :func:`epoch_orders`).
-    unroll: ``lax.scan`` unroll of the step loop (``True`` for convolutions on CPU).
-
-  Returns:
-    ``(client_params, steps_taken)``.
   """
-  batch = shape.batch
+  w, opt_state = carry
   spe = jnp.maximum(steps_per_epoch(num_examples, algo.batch_size), 1)
   my_steps = jnp.where(num_examples > 0, num_local_steps(num_examples, algo), 0)
-  positions = jnp.arange(batch, dtype=jnp.int32)
-  opt = algo.client_optimizer
+  epoch, j = t // spe, t % spe
+  pos = j * shape.batch + jnp.arange(shape.batch, dtype=jnp.int32)
+  real = (pos < num_examples) & (t < my_steps)
+  local = orders[jnp.minimum(epoch, shape.num_epochs - 1), jnp.minimum(pos, shape.max_examples - 1)]
+  rows = offset + jnp.where(real, local, 0)
+  grads = jax.grad(model.loss)(w, x_all[rows], y_all[rows], real)
+  updates, new_opt_state = algo.client_optimizer.update(grads, opt_state, w)
+  new_w = optax.apply_updates(w, updates)
+  if shape.equal_steps:
+    return new_w, new_opt_state
+  keep = lambda new, old: jnp.where(t < my_steps, new, old)
+  return jax.tree.map(keep, new_w, w), jax.tree.map(keep, new_opt_state, opt_state)
 
+
+def local_train(model, algo: Algorithm, shape: BucketShape, params, x_all: jax.Array,
+                y_all: jax.Array, offset: jax.Array, num_examples: jax.Array,
+                orders: jax.Array, unroll: bool | int = 1):
+  """Runs one client's local SGD from ``params`` (``lax.scan`` of :func:`local_step`).
+
+  Returns:
+    The client's final params.
+  """
   def step(carry, t):
-    w, opt_state = carry
-    epoch, j = t // spe, t % spe
-    pos = j * batch + positions
-    real = (pos < num_examples) & (t < my_steps)
-    local = orders[jnp.minimum(epoch, shape.num_epochs - 1), jnp.minimum(pos, shape.max_examples - 1)]
-    rows = offset + jnp.where(real, local, 0)
-    grads = jax.grad(model.loss)(w, x_all[rows], y_all[rows], real)
-    updates, new_opt_state = opt.update(grads, opt_state, w)
-    new_w = optax.apply_updates(w, updates)
-    if shape.equal_steps:
-      return (new_w, new_opt_state), None
-    active = t < my_steps
-    keep = lambda new, old: jnp.where(active, new, old)
-    return (jax.tree.map(keep, new_w, w), jax.tree.map(keep, new_opt_state, opt_state)), None
-
-  (w, _), _ = lax.scan(step, (params, opt.init(params)), jnp.arange(shape.num_steps), unroll=unroll)
-  return w, my_steps
+    return local_step(model, algo, shape, x_all, y_all, carry, t, offset, num_examples,
+                      orders), None
+  carry = (params, algo.client_optimizer.init(params))
+  (w, _), _ = lax.scan(step, carry, jnp.arange(shape.num_steps), unroll=unroll)
+  return w

@@ -11,6 +11,7 @@ client ``k``'s key is ``fold_in(clients, k)`` with ``k`` its global id.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -52,13 +53,15 @@ class ServerState(NamedTuple):
 class Plan(NamedTuple):
   """How the cohort is executed (results are the same up to float reassociation).
 
-  * ``vmap``: each bucket's sampled clients in one vmap.
+  * ``vmap``: each bucket's sampled clients in one vmap (with partial participation, in chunks of
+    the bucket's expected share of the cohort, rounded up to a power of two).
   * ``chunked``: vmap over chunks of ``chunk_size`` clients, ``lax.scan`` over the chunks with a
     running weighted sum (bounded memory).
   * ``scan``: ``chunk_size = 1``, one client at a time inside the compiled program.
-  * ``host_loop``: a compiled per-chunk update called from Python, one round at a time. XLA:CPU runs
-    convolutions about 10× slower inside any loop (jax-ml/jax#12868), so convolutional models on
-    CPU use this plan with fully unrolled local steps.
+  * ``host_loop``: Python drives rounds, chunks and local steps, one compiled call per step (the
+    schedule, masks and randomness are the same functions). XLA:CPU runs convolutions about 10×
+    slower inside any loop (jax-ml/jax#12868), so convolutional models on CPU use this plan.
+  ``unroll`` fully unrolls scanned local steps and evaluation batches (convolutions on CPU).
   """
   name: str
   chunk_size: int | None
@@ -103,9 +106,25 @@ def make_buckets(num_examples: np.ndarray, algo: Algorithm, cohort_size: int,
   for b, g in enumerate(groups):
     bucket_of[g] = b
     capacity = min(cohort_size, len(g))
-    chunk = capacity if chunk_size is None else max(1, min(chunk_size, capacity))
+    # A round samples about `expected` members of this bucket, rarely all `capacity` of them:
+    # chunks no larger than the expected count (next power of two) let lax.cond skip the rest.
+    expected = cohort_size * len(g) / len(num_examples)
+    chunk = min(capacity, 1 << max(0, math.ceil(math.log2(max(expected, 1.0)))))
+    if chunk_size is not None:
+      chunk = max(1, min(chunk_size, chunk))
     buckets.append(Bucket(client_lib.bucket_shape(num_examples[g], algo), capacity, chunk, len(g)))
   return buckets, bucket_of, groups
+
+
+def _over_chunk(fn):
+  """``vmap(fn)`` over a chunk of clients; a chunk of one runs ``fn`` unbatched (a vmapped
+  convolution becomes a grouped one, which XLA:CPU runs about 4× slower)."""
+  def run(*args):
+    if jax.tree.leaves(args)[0].shape[0] == 1:
+      out = fn(*jax.tree.map(lambda a: a[0], args))
+      return jax.tree.map(lambda a: a[None], out)
+    return jax.vmap(fn)(*args)
+  return run
 
 
 def sample_cohort(key: jax.Array, num_clients: int, cohort_size: int) -> jax.Array:
@@ -163,18 +182,14 @@ def build_engine(model, algo: Algorithm, train, plan: Plan, cohort_size: int, tr
   uniform = algo.weighting == "uniform"
   zeros_like_f32 = lambda p: jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), p)
 
-  def chunk_update(params, ids, present, client_key, shape: client_lib.BucketShape):
-    """Weighted delta sum and weight sum of one chunk of clients."""
+  def chunk_inputs(ids, present, client_key, shape: client_lib.BucketShape):
+    """Row offsets, sizes (0 for empty slots) and epoch orders of one chunk of clients."""
     n = jnp.where(present, counts[ids], 0)
     keys = jax.vmap(lambda i: jax.random.fold_in(client_key, i))(ids)
-    orders = client_lib.epoch_orders(keys, n, shape, algo.shuffle)
-    train_one = lambda off, n_k, order: client_lib.local_train(
-        model, algo, shape, params, x_all, y_all, off, n_k, order, unroll=plan.unroll)
-    if ids.shape[0] == 1:  # one client: no vmap, so convolutions stay ungrouped
-      client_params, _ = train_one(offsets[ids][0], n[0], orders[0])
-      client_params = jax.tree.map(lambda a: a[None], client_params)
-    else:
-      client_params, _ = jax.vmap(train_one)(offsets[ids], n, orders)
+    return offsets[ids], n, client_lib.epoch_orders(keys, n, shape, algo.shuffle)
+
+  def chunk_reduce(params, client_params, n, present):
+    """Weighted sum of the chunk's deltas ``θ_k − θ`` and of its weights."""
     weights = jnp.where(present, 1.0 if uniform else n.astype(jnp.float32), 0.0)
     # where(): an empty slot's params never reach the sum, even if its unmasked steps made them
     # non-finite (buckets with equal step counts do not mask steps).
@@ -183,6 +198,14 @@ def build_engine(model, algo: Algorithm, train, plan: Plan, cohort_size: int, tr
             present.reshape(-1, *([1] * p.ndim)), cp - p[None], 0).astype(jnp.float32), axes=1),
         client_params, params)
     return delta_sum, jnp.sum(weights)
+
+  def chunk_update(params, ids, present, client_key, shape: client_lib.BucketShape):
+    """Weighted delta sum and weight sum of one chunk of clients, trained in one program."""
+    offs, n, orders = chunk_inputs(ids, present, client_key, shape)
+    train_one = lambda off, n_k, order: client_lib.local_train(
+        model, algo, shape, params, x_all, y_all, off, n_k, order, unroll=plan.unroll)
+    client_params = _over_chunk(train_one)(offs, n, orders)
+    return chunk_reduce(params, client_params, n, present)
 
   def server_update(state: ServerState, delta_sum, weight_sum):
     mean_delta = jax.tree.map(lambda d: d / jnp.maximum(weight_sum, 1e-30), delta_sum)
@@ -237,11 +260,19 @@ def build_engine(model, algo: Algorithm, train, plan: Plan, cohort_size: int, tr
     run_block = jax.jit(block, donate_argnums=0)
     return Engine(run_block, init_state, buckets, plan)
 
-  # host_loop: the same pieces, with Python driving the rounds and the chunks.
+  # host_loop: the same pieces, with Python driving rounds, chunks and local steps. One compiled
+  # call per local step is what XLA:CPU runs convolutions fastest with (see Plan).
   sample_j = jax.jit(lambda r: (sample_cohort(round_keys(r)[0], num_clients, cohort_size),
                                 round_keys(r)[1]))
   slots_j = jax.jit(bucket_slots, static_argnums=(2, 3))
-  chunk_j = jax.jit(chunk_update, static_argnums=(4,))
+  inputs_j = jax.jit(chunk_inputs, static_argnums=(3,))
+  start_j = jax.jit(lambda params, n: _over_chunk(
+      lambda _: (params, algo.client_optimizer.init(params)))(n))
+  step_j = jax.jit(lambda shape, carry, t, offs, n, orders: _over_chunk(
+      lambda c, o, n_k, order: client_lib.local_step(model, algo, shape, x_all, y_all, c, t, o,
+                                                     n_k, order))(carry, offs, n, orders),
+                   static_argnums=(0,))
+  reduce_j = jax.jit(chunk_reduce)
   server_j = jax.jit(server_update)
   eval_j = jax.jit(lambda p, ev: dict(metrics_or_nan(p, ev), finite=finite(p)))
 
@@ -255,8 +286,11 @@ def build_engine(model, algo: Algorithm, train, plan: Plan, cohort_size: int, tr
           ids, present = jax.device_get(slots_j(cohort, bucket_of_dev, b, bucket))
           for c in range(bucket.num_chunks):
             if present[c].any():
-              out = chunk_j(state.params, ids[c], present[c], client_key, bucket.shape)
-              total = jax.tree.map(jnp.add, total, out)
+              offs, n, orders = inputs_j(ids[c], present[c], client_key, bucket.shape)
+              carry = start_j(state.params, n)
+              for t in range(bucket.shape.num_steps):
+                carry = step_j(bucket.shape, carry, t, offs, n, orders)
+              total = jax.tree.map(jnp.add, total, reduce_j(state.params, carry[0], n, present[c]))
         state = server_j(state, *total)
       rows.append(eval_j(state.params, bool(act and ev)))
     return state, jax.tree.map(lambda *xs: jnp.stack(xs), *rows)

@@ -11,7 +11,7 @@ from fedjax_sim.datasets.synthetic import (fedprox_synthetic, linear_regression_
                                            logistic_demo, power_law_population)
 
 
-def _power_law(seed, num_clients=2000, heterogeneity=0.5):
+def _power_law(seed, num_clients=5000, heterogeneity=0.5):
   train, test = power_law_population(num_clients=num_clients, heterogeneity=heterogeneity, seed=seed)
   return train, test, 10
 
@@ -35,7 +35,7 @@ def _npz(seed, path=None):
 
 
 REGISTRY = {
-    "power_law": (_power_law, "2,000 clients, lognormal sizes (median ~20, tail to 2,000), 60 "
+    "power_law": (_power_law, "5,000 clients, lognormal sizes (median ~20, long tail), 60 "
                   "features, 10 classes, non-IID; options: num_clients, heterogeneity"),
     "fedprox_synthetic": (_fedprox, "FedProx Synthetic(alpha, beta): 30 devices, 60 features, 10 "
                           "classes; options: alpha, beta"),

@@ -150,6 +150,17 @@ def bucket_slots(cohort: jax.Array, bucket_of: jax.Array, b: int, bucket: Bucket
   return ids.reshape(bucket.num_chunks, bucket.chunk), present.reshape(bucket.num_chunks, bucket.chunk)
 
 
+class DeviceData(NamedTuple):
+  """The training population on device. Passed to the compiled block as an argument, never
+  closed over: a closed-over array is embedded in the executable as a constant, which copies
+  the whole dataset several times during compilation and slows compilation down with its size."""
+  x: jax.Array
+  y: jax.Array
+  offsets: jax.Array
+  counts: jax.Array
+  bucket_of: jax.Array
+
+
 class Engine(NamedTuple):
   """The compiled pieces of a simulation (built by :func:`build_engine`)."""
   run_block: Callable  # (state, rounds[R], active[R], evaluate[R]) -> (state, metrics dict of [R])
@@ -159,7 +170,8 @@ class Engine(NamedTuple):
 
 
 def build_engine(model, algo: Algorithm, train, plan: Plan, cohort_size: int, train_key: jax.Array,
-                 evaluate: Callable[[Any], dict], bucketing: bool = True) -> Engine:
+                 evaluate: Callable[[Any, Any], dict], eval_data: Any,
+                 bucketing: bool = True) -> Engine:
   """Compiles the round for one (model, algorithm, dataset, plan).
 
   Args:
@@ -169,24 +181,23 @@ def build_engine(model, algo: Algorithm, train, plan: Plan, cohort_size: int, tr
     plan: the execution :class:`Plan`.
     cohort_size: clients per round.
     train_key: the training randomness stream.
-    evaluate: ``fn(params) -> {name: scalar}``, the metrics of evaluated rounds.
+    evaluate: ``fn(params, eval_data) -> {name: scalar}``, the metrics of evaluated rounds.
+    eval_data: the arrays ``evaluate`` reads (passed to the compiled block as an argument).
     bucketing: group clients by size (``False``: one bucket padded to the largest client).
   """
   num_clients = train.num_clients
   buckets, bucket_of, _ = make_buckets(train.num_examples, algo, cohort_size, plan.chunk_size,
                                        bucketing)
-  x_all, y_all = train.device_arrays()
-  offsets = jnp.asarray(train.offsets, jnp.int32)
-  counts = jnp.asarray(train.num_examples, jnp.int32)
-  bucket_of_dev = jnp.asarray(bucket_of)
+  data = DeviceData(*train.device_arrays(), jnp.asarray(train.offsets, jnp.int32),
+                    jnp.asarray(train.num_examples, jnp.int32), jnp.asarray(bucket_of))
   uniform = algo.weighting == "uniform"
   zeros_like_f32 = lambda p: jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), p)
 
-  def chunk_inputs(ids, present, client_key, shape: client_lib.BucketShape):
+  def chunk_inputs(d: DeviceData, ids, present, client_key, shape: client_lib.BucketShape):
     """Row offsets, sizes (0 for empty slots) and epoch orders of one chunk of clients."""
-    n = jnp.where(present, counts[ids], 0)
+    n = jnp.where(present, d.counts[ids], 0)
     keys = jax.vmap(lambda i: jax.random.fold_in(client_key, i))(ids)
-    return offsets[ids], n, client_lib.epoch_orders(keys, n, shape, algo.shuffle)
+    return d.offsets[ids], n, client_lib.epoch_orders(keys, n, shape, algo.shuffle)
 
   def chunk_reduce(params, client_params, n, present):
     """Weighted sum of the chunk's deltas ``θ_k − θ`` and of its weights."""
@@ -199,11 +210,11 @@ def build_engine(model, algo: Algorithm, train, plan: Plan, cohort_size: int, tr
         client_params, params)
     return delta_sum, jnp.sum(weights)
 
-  def chunk_update(params, ids, present, client_key, shape: client_lib.BucketShape):
+  def chunk_update(d: DeviceData, params, ids, present, client_key, shape):
     """Weighted delta sum and weight sum of one chunk of clients, trained in one program."""
-    offs, n, orders = chunk_inputs(ids, present, client_key, shape)
+    offs, n, orders = chunk_inputs(d, ids, present, client_key, shape)
     train_one = lambda off, n_k, order: client_lib.local_train(
-        model, algo, shape, params, x_all, y_all, off, n_k, order, unroll=plan.unroll)
+        model, algo, shape, params, d.x, d.y, off, n_k, order, unroll=plan.unroll)
     client_params = _over_chunk(train_one)(offs, n, orders)
     return chunk_reduce(params, client_params, n, present)
 
@@ -216,17 +227,18 @@ def build_engine(model, algo: Algorithm, train, plan: Plan, cohort_size: int, tr
   def round_keys(r):
     return jax.random.split(jax.random.fold_in(train_key, r), 3)
 
-  def device_round(state: ServerState, r):
+  def device_round(d: DeviceData, state: ServerState, r):
     sample_key, client_key, _ = round_keys(r)
     cohort = sample_cohort(sample_key, num_clients, cohort_size)
     total = (zeros_like_f32(state.params), jnp.float32(0.0))
     for b, bucket in enumerate(buckets):
-      ids, present = bucket_slots(cohort, bucket_of_dev, b, bucket)
+      ids, present = bucket_slots(cohort, d.bucket_of, b, bucket)
 
       def one_chunk(acc, chunk, bucket=bucket):
         c_ids, c_present = chunk
         out = lax.cond(jnp.any(c_present),
-                       lambda: chunk_update(state.params, c_ids, c_present, client_key, bucket.shape),
+                       lambda: chunk_update(d, state.params, c_ids, c_present, client_key,
+                                            bucket.shape),
                        lambda: (zeros_like_f32(state.params), jnp.float32(0.0)))
         return jax.tree.map(jnp.add, acc, out), None
 
@@ -236,10 +248,10 @@ def build_engine(model, algo: Algorithm, train, plan: Plan, cohort_size: int, tr
         total, _ = lax.scan(one_chunk, total, (ids, present))
     return server_update(state, *total)
 
-  def metrics_or_nan(params, do_eval):
-    shapes = jax.eval_shape(evaluate, params)
+  def metrics_or_nan(params, eval_data, do_eval):
+    shapes = jax.eval_shape(evaluate, params, eval_data)
     nan = lambda: jax.tree.map(lambda s: jnp.full(s.shape, jnp.nan, s.dtype), shapes)
-    return lax.cond(do_eval, lambda: evaluate(params), nan)
+    return lax.cond(do_eval, lambda: evaluate(params, eval_data), nan)
 
   def finite(params):
     return jnp.all(jnp.array([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)]))
@@ -248,16 +260,19 @@ def build_engine(model, algo: Algorithm, train, plan: Plan, cohort_size: int, tr
     return ServerState(params, algo.server_optimizer.init(params))
 
   if plan.name != "host_loop":
-    def block(state, rounds, active, do_eval):
+    def block(state, d, eval_data, rounds, active, do_eval):
       def body(state, xs):
         r, act, ev = xs
-        state = lax.cond(act, device_round, lambda s, _: s, state, r)
-        metrics = metrics_or_nan(state.params, act & ev)
+        state = lax.cond(act, lambda s: device_round(d, s, r), lambda s: s, state)
+        metrics = metrics_or_nan(state.params, eval_data, act & ev)
         metrics["finite"] = finite(state.params)
         return state, metrics
       return lax.scan(body, state, (rounds, active, do_eval))
 
-    run_block = jax.jit(block, donate_argnums=0)
+    block_j = jax.jit(block, donate_argnums=0)
+    def run_block(state, rounds, active, do_eval):
+      return block_j(state, data, eval_data, rounds, active, do_eval)
+    run_block.compiled = block_j  # for inspection (compile counts, memory analysis)
     return Engine(run_block, init_state, buckets, plan)
 
   # host_loop: the same pieces, with Python driving rounds, chunks and local steps. One compiled
@@ -265,16 +280,16 @@ def build_engine(model, algo: Algorithm, train, plan: Plan, cohort_size: int, tr
   sample_j = jax.jit(lambda r: (sample_cohort(round_keys(r)[0], num_clients, cohort_size),
                                 round_keys(r)[1]))
   slots_j = jax.jit(bucket_slots, static_argnums=(2, 3))
-  inputs_j = jax.jit(chunk_inputs, static_argnums=(3,))
+  inputs_j = jax.jit(chunk_inputs, static_argnums=(4,))
   start_j = jax.jit(lambda params, n: _over_chunk(
       lambda _: (params, algo.client_optimizer.init(params)))(n))
-  step_j = jax.jit(lambda shape, carry, t, offs, n, orders: _over_chunk(
-      lambda c, o, n_k, order: client_lib.local_step(model, algo, shape, x_all, y_all, c, t, o,
+  step_j = jax.jit(lambda shape, d, carry, t, offs, n, orders: _over_chunk(
+      lambda c, o, n_k, order: client_lib.local_step(model, algo, shape, d.x, d.y, c, t, o,
                                                      n_k, order))(carry, offs, n, orders),
                    static_argnums=(0,))
   reduce_j = jax.jit(chunk_reduce)
   server_j = jax.jit(server_update)
-  eval_j = jax.jit(lambda p, ev: dict(metrics_or_nan(p, ev), finite=finite(p)))
+  eval_j = jax.jit(lambda p, e, ev: dict(metrics_or_nan(p, e, ev), finite=finite(p)))
 
   def run_block_host(state, rounds, active, do_eval):
     rows = []
@@ -283,16 +298,16 @@ def build_engine(model, algo: Algorithm, train, plan: Plan, cohort_size: int, tr
         cohort, client_key = sample_j(r)
         total = (zeros_like_f32(state.params), jnp.float32(0.0))
         for b, bucket in enumerate(buckets):
-          ids, present = jax.device_get(slots_j(cohort, bucket_of_dev, b, bucket))
+          ids, present = jax.device_get(slots_j(cohort, data.bucket_of, b, bucket))
           for c in range(bucket.num_chunks):
             if present[c].any():
-              offs, n, orders = inputs_j(ids[c], present[c], client_key, bucket.shape)
+              offs, n, orders = inputs_j(data, ids[c], present[c], client_key, bucket.shape)
               carry = start_j(state.params, n)
               for t in range(bucket.shape.num_steps):
-                carry = step_j(bucket.shape, carry, t, offs, n, orders)
+                carry = step_j(bucket.shape, data, carry, t, offs, n, orders)
               total = jax.tree.map(jnp.add, total, reduce_j(state.params, carry[0], n, present[c]))
         state = server_j(state, *total)
-      rows.append(eval_j(state.params, bool(act and ev)))
+      rows.append(eval_j(state.params, eval_data, bool(act and ev)))
     return state, jax.tree.map(lambda *xs: jnp.stack(xs), *rows)
 
   return Engine(run_block_host, init_state, buckets, plan)

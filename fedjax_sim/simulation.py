@@ -47,17 +47,16 @@ class SimulationResult:
   info: dict = field(default_factory=dict)
 
 
-def dataset_evaluator(model: Model, data: FederatedData, prefix: str, unroll: bool = False):
-  """``fn(params) -> {prefix_loss, prefix_accuracy}``: example-weighted over all of ``data``.
+def dataset_evaluator(model: Model, total: int, prefix: str, unroll: bool = False):
+  """``fn(params, (x, y)) -> {prefix_loss, prefix_accuracy}`` over ``total`` flat examples.
 
   The example-weighted mean over clients equals the mean over the flat example array.
   """
-  x, y = data.device_arrays()
-  total = data.total_examples
   batch = min(EVAL_BATCH, total)
   num_batches = -(-total // batch)
 
-  def evaluate(params):
+  def evaluate(params, xy):
+    x, y = xy
     def body(acc, i):
       rows = i * batch + jnp.arange(batch)
       real = (rows < total).astype(jnp.float32)
@@ -232,12 +231,15 @@ def simulate(algorithm: Algorithm, model: Model, train: FederatedData, rounds: i
   backend = jax.default_backend()
   batch = algorithm.batch_size or int(train.num_examples.max())
   chosen = choose_plan(plan, chunk_size, model, params, train.feature_shape, batch, backend)
-  evaluators = [dataset_evaluator(model, train, "train", chosen.unroll)]
-  if test is not None:
-    evaluators.append(dataset_evaluator(model, test, "test", chosen.unroll))
-  evaluate = lambda p: {k: v for ev in evaluators for k, v in ev(p).items()}
+  eval_sets = [("train", train)] + ([("test", test)] if test is not None else [])
+  evaluators = [dataset_evaluator(model, d.total_examples, name, chosen.unroll)
+                for name, d in eval_sets]
+  eval_data = [d.device_arrays() for _, d in eval_sets]
+  evaluate = lambda p, arrays: {k: v for ev, xy in zip(evaluators, arrays)
+                                for k, v in ev(p, xy).items()}
   engine = round_lib.build_engine(model, algorithm, train, chosen, cohort_size,
-                                  jax.random.fold_in(key, STREAM_TRAIN), evaluate, bucketing)
+                                  jax.random.fold_in(key, STREAM_TRAIN), evaluate, eval_data,
+                                  bucketing)
   groups = round_lib.size_buckets(train.num_examples, algorithm) if bucketing else \
       [np.arange(train.num_clients)]
   info = {
@@ -282,6 +284,6 @@ def simulate(algorithm: Algorithm, model: Model, train: FederatedData, rounds: i
       raise TrainingDiverged(diverged, history)
   info["seconds"] = time.perf_counter() - start
   info["block_seconds"] = block_seconds  # the first includes compilation
-  cache_size = getattr(engine.run_block, "_cache_size", None)
+  cache_size = getattr(getattr(engine.run_block, "compiled", None), "_cache_size", None)
   info["compilations"] = cache_size() if cache_size else None
   return SimulationResult(state.params, history, info)

@@ -182,18 +182,59 @@ def table(rows, peak):
   head = (f"{'workload':<8} {'K':>6} {'impl':<22} {'ms/round':>10} {'updates/s':>10} "
           f"{'GFLOP/s':>8} {'%peak':>6} {'RSS MB':>7} {'vs numpy':>9} {'vs per-client':>13}")
   lines = [head, "-" * len(head)]
+  note = ("(speed-ups are baseline time / engine time; rows P give time relative to the bucketed "
+          "engine in the 'vs numpy' column)")
   for r in rows:
     base = {b["impl"]: b["ms_per_round"] for b in rows
             if b["workload"] == r["workload"] and b["clients"] == r["clients"]}
     ratio = lambda k: f"{base[k] / r['ms_per_round']:.2f}x" if k in base else "-"
     name = r["impl"] if r["impl"] != "engine" else f"engine[{r['plan']},{r['chunk_size']}]"
-    if r["workload"] == "P" and "engine" in base:
-      name, ratio = r["impl"], lambda k, r=r: f"{r['ms_per_round'] / base['engine']:.2f}x cost"
+    if r["workload"] == "P" and "engine" in base:  # cost relative to the bucketed engine
+      name = r["impl"]
+      ratio = lambda k, r=r: (f"{r['ms_per_round'] / base['engine']:.2f}x cost" if k == "numpy"
+                              else "-")
     lines.append(f"{r['workload']:<8} {r['clients']:>6} {name:<22} {r['ms_per_round']:>10.1f} "
                  f"{r['client_updates_per_s']:>10.0f} {r['gflops']:>8.2f} "
                  f"{100 * r['gflops'] / peak:>5.1f}% {r['peak_rss_mb']:>7.0f} {ratio('numpy'):>9} "
                  f"{ratio('per_client'):>13}")
-  return "\n".join(lines)
+  return "\n".join(lines + [note])
+
+
+TARGETS = [  # (workload, K, impl ratio or %peak, threshold), from the engine issue
+    ("W1", 10000, "numpy", 8.0), ("W1", 10000, "per_client", 3.0),
+    ("W2", 1000, "numpy", 1.3), ("W2", 1000, "%peak", 60.0),
+    ("W3", 10, "per_client", 1.0),
+]
+
+
+def target_lines(rows, peak):
+  """One line per target: the measured value and whether it is met."""
+  lines = []
+  for workload, k, against, threshold in TARGETS:
+    at = {r["impl"]: r for r in rows if r["workload"] == workload and r["clients"] == k}
+    if "engine" not in at or (against != "%peak" and against not in at):
+      continue
+    if against == "%peak":
+      value, what = 100 * at["engine"]["gflops"] / peak, f"{workload} K={k}: % of matmul peak"
+      shown = f"{value:.0f}% (target ≥ {threshold:.0f}%)"
+    else:
+      value = at[against]["ms_per_round"] / at["engine"]["ms_per_round"]
+      what, shown = f"{workload} K={k}: engine vs {against}", f"{value:.2f}x (target ≥ {threshold}x)"
+    lines.append(f"- {what}: {shown} — {'met' if value >= threshold else 'NOT met'}")
+  return lines
+
+
+def update_readme(result, path):
+  """Replaces the table between the README's benchmark markers with ``result``."""
+  start, end = "<!-- bench:start -->", "<!-- bench:end -->"
+  text = open(path).read()
+  if start not in text or end not in text:
+    return
+  body = (f"{start}\nMeasured on: {result['machine_desc']}, JAX {result['jax']}; "
+          f"float32 2048² matmul peak {result['matmul_peak_gflops']:.0f} GFLOP/s.\n\n"
+          f"```\n{result['table']}\n```\n\n" + "\n".join(result["targets"]) + f"\n{end}")
+  before, rest = text.split(start, 1)
+  open(path, "w").write(before + body + rest.split(end, 1)[1])
 
 
 def main():
@@ -202,9 +243,25 @@ def main():
   parser.add_argument("--quick", action="store_true", help="smallest K of each workload only")
   parser.add_argument("--workloads", default="W1,W2,W3,P")
   parser.add_argument("--plans", default="auto", help="comma list, e.g. auto,vmap,chunked:64")
+  parser.add_argument("--readme", action="store_true", help="write the table into README.md")
+  parser.add_argument("--from-json", help="re-render a saved results file instead of measuring")
   parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
                                                     "engine_cpu.json"))
   args = parser.parse_args()
+  if args.from_json:  # re-render a saved run (table, targets, README)
+    with open(args.from_json) as f:
+      result = json.load(f)
+    result["table"] = table(result["rows"], result["matmul_peak_gflops"])
+    result["targets"] = target_lines(result["rows"], result["matmul_peak_gflops"])
+    result.setdefault("machine_desc", f"{result['backend']} ({result['machine']}, "
+                                      f"{result['cores']} cores)")
+    print(result["table"] + "\n" + "\n".join(result["targets"]))
+    with open(args.from_json, "w") as f:
+      json.dump(result, f, indent=2)
+    if args.readme:
+      update_readme(result, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..",
+                                         "README.md"))
+    return
   if args.case:
     workload, impl, k, plan, chunk = args.case
     print(json.dumps(run_case(workload, impl, int(k), reps=3,
@@ -230,12 +287,19 @@ def main():
         rows.append(row)
         print(json.dumps(row), flush=True)
   text = table(rows, peak)
-  print(text)
+  targets = target_lines(rows, peak)
+  print(text + "\n" + "\n".join(targets))
+  result = {"device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
+            "cores": os.cpu_count(), "machine": platform.machine(), "jax": jax.__version__,
+            "machine_desc": f"{jax.default_backend()} ({platform.machine()}, {os.cpu_count()} "
+                            f"cores, {platform.processor() or 'unknown cpu'})",
+            "matmul_peak_gflops": peak, "rows": rows, "table": text, "targets": targets}
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
   with open(args.out, "w") as f:
-    json.dump({"device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
-               "cores": os.cpu_count(), "machine": platform.machine(), "jax": jax.__version__,
-               "matmul_peak_gflops": peak, "rows": rows, "table": text}, f, indent=2)
+    json.dump(result, f, indent=2)
+  if args.readme:
+    update_readme(result, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..",
+                                       "README.md"))
 
 
 if __name__ == "__main__":

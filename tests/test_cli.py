@@ -96,3 +96,20 @@ def test_help_lists_every_key():
   top = subprocess.run([sys.executable, "-m", "fedjax_sim.cli", "--help"], capture_output=True,
                        text=True, check=True).stdout
   assert "run" in top and "list" in top
+
+
+def test_list_names_registered_algorithms_and_datasets(capsys):
+  from fedjax_sim import algorithms, datasets
+  assert main(["list"]) == 0
+  out = capsys.readouterr().out
+  for name in [*algorithms.REGISTRY, *datasets.REGISTRY]:
+    assert name in out
+
+
+def test_default_config_is_the_documented_scale():
+  from fedjax_sim.cli import resolve_config
+  config = resolve_config(None, [])
+  assert config["dataset"] == "power_law" and config["clients_per_round"] >= 100
+  from fedjax_sim import datasets
+  train, _, _ = datasets.REGISTRY["power_law"][0](0)
+  assert train.num_clients >= 1000

@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fedjax_sim._checks import positive_int
+
 Params = Any
 TASKS = ("regression", "binary", "multiclass")
 
@@ -141,7 +143,7 @@ def _dense(layer, x):
 
 def _linear_model(num_features: int, num_outputs: int, task: str, name: str, use_bias: bool,
                   zero_init: bool) -> Model:
-  _positive("num_features", num_features)
+  positive_int("num_features", num_features)
   def init(key):
     return _dense_init(key, num_features, num_outputs, zero_init, use_bias)
   def apply(params, x):
@@ -163,7 +165,7 @@ def logistic_regression(num_features: int, use_bias: bool = True, zero_init: boo
 def softmax_regression(num_features: int, num_classes: int, use_bias: bool = True,
                        zero_init: bool = True) -> Model:
   """Multinomial logistic regression ``softmax(x W (+ b))`` (FedProx's synthetic-data model)."""
-  _positive("num_classes", num_classes)
+  positive_int("num_classes", num_classes)
   return _linear_model(num_features, num_classes, "multiclass", "softmax_regression", use_bias,
                        zero_init)
 
@@ -174,7 +176,7 @@ def mlp(num_features: int, hidden_sizes: Sequence[int] = (200, 200), num_classes
   199,210 parameters). ``num_classes=1`` makes a binary classifier."""
   sizes = [num_features, *hidden_sizes, num_classes]
   for s in sizes:
-    _positive("layer size", s)
+    positive_int("layer size", s)
   def init(key):
     keys = jax.random.split(key, len(sizes) - 1)
     return [_dense_init(k, a, b, False, use_bias) for k, a, b in zip(keys, sizes[:-1], sizes[1:])]
@@ -213,8 +215,3 @@ def cnn(input_shape: Sequence[int] = (28, 28, 1), num_classes: int = 10,
 def num_params(params: Params) -> int:
   """Total number of scalars in a parameter pytree."""
   return sum(int(p.size) for p in jax.tree.leaves(params))
-
-
-def _positive(name: str, value) -> None:
-  if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-    raise ValueError(f"{name} must be a positive integer, got {value!r}")

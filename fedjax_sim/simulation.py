@@ -13,6 +13,7 @@ import numpy as np
 from jax import lax
 
 from fedjax_sim import round as round_lib
+from fedjax_sim._checks import positive_int
 from fedjax_sim.algorithms import Algorithm
 from fedjax_sim.data import DataError, FederatedData
 from fedjax_sim.models import Model, _per_example_correct, _per_example_loss, num_params
@@ -152,12 +153,6 @@ def _cohort_size(num_clients: int, clients_per_round, client_fraction) -> int:
   return num_clients
 
 
-def _positive_int(name, value):
-  if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-    raise ValueError(f"{name} must be a positive integer, got {value!r}")
-  return value
-
-
 def check_arguments(algorithm, model, train, test=None, rounds=1, clients_per_round=None,
                     client_fraction=None, seed=0, eval_every=1, plan="auto", chunk_size=None,
                     rounds_per_block=None) -> tuple[int, int]:
@@ -176,13 +171,13 @@ def check_arguments(algorithm, model, train, test=None, rounds=1, clients_per_ro
     raise ValueError(f"test must be a FederatedData or None, got {type(test).__name__}")
   if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
     raise ValueError(f"seed must be an integer, got {seed!r}")
-  rounds = _positive_int("rounds", rounds)
-  eval_every = _positive_int("eval_every", eval_every)
+  rounds = positive_int("rounds", rounds)
+  eval_every = positive_int("eval_every", eval_every)
   if plan not in round_lib.PLANS:
     raise ValueError(f"plan must be one of {', '.join(round_lib.PLANS)}, got {plan!r}")
   if chunk_size is not None:
-    _positive_int("chunk_size", chunk_size)
-  block_len = min(rounds, _positive_int("rounds_per_block", rounds_per_block or 10))
+    positive_int("chunk_size", chunk_size)
+  block_len = min(rounds, positive_int("rounds_per_block", rounds_per_block or 10))
   return _cohort_size(train.num_clients, clients_per_round, client_fraction), block_len
 
 

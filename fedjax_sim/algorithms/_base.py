@@ -36,22 +36,6 @@ class Algorithm(NamedTuple):
   weighting: str = "num_examples"
 
 
-def positive_int(name: str, value, allow_none: bool = False):
-  """Returns ``value`` if it is a positive int (or ``None`` when allowed), else raises ValueError."""
-  if value is None and allow_none:
-    return None
-  if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-    raise ValueError(f"{name} must be a positive integer{' or None' if allow_none else ''}, "
-                     f"got {value!r}")
-  return value
-
-
-def positive_float(name: str, value) -> float:
-  if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or value == float("inf"):
-    raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-  return float(value)
-
-
 def check_optimizer(name: str, opt):
   if opt is not None and not isinstance(opt, optax.GradientTransformation):
     raise ValueError(f"{name} must be an optax.GradientTransformation, got {type(opt).__name__}")

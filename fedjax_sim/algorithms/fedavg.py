@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import optax
 
-from fedjax_sim.algorithms._base import (Algorithm, check_optimizer, check_weighting,
-                                         positive_float, positive_int)
+from fedjax_sim._checks import positive_float, positive_int
+from fedjax_sim.algorithms._base import Algorithm, check_optimizer, check_weighting
 
 
 def fedavg(client_lr: float = 0.1, local_epochs: int = 1, batch_size: int | None = 32,

@@ -193,3 +193,40 @@ def test_size_buckets_bound_padding():
     assert sizes[g].max() <= 2 * sizes[g].min()
   assert fs.round.padding_waste(sizes, groups, algo) < 0.5 < fs.round.padding_waste(
       sizes, [np.arange(len(sizes))], algo)
+
+
+def test_local_steps_cycle_through_in_order_epochs():
+  """H = 5 steps of B = 3 on clients of 4 and 7 examples: batches wrap into the next epoch."""
+  xs, ys = _classification_clients([4, 7])
+  fd = fs.FederatedData.from_arrays(xs, ys)
+  model = fs.models.softmax_regression(5, 3)
+  init = _random_params(model)
+  algo = fs.algorithms.local_sgd(client_lr=0.3, local_steps=5, batch_size=3, shuffle=False)
+  res = fs.simulate(algo, model, fd, rounds=2, init_params=init)
+  w = _np(init)
+  for _ in range(2):
+    finals = []
+    for x, y in zip(xs, ys):
+      batches = [(s, min(s + 3, len(x))) for s in range(0, len(x), 3)]
+      wk = w
+      for t in range(5):
+        lo, hi = batches[t % len(batches)]
+        g = reference.grad("softmax", wk, x[lo:hi], y[lo:hi])
+        wk = jax.tree.map(lambda p, q: p - 0.3 * q, wk, g)
+      finals.append(wk)
+    w = jax.tree.map(lambda a, b: (a + b) / 2, *finals)  # uniform weighting
+  _close(res.params, w)
+
+
+def test_masked_steps_leave_adaptive_optimizer_state_alone():
+  """Adam on the clients, momentum on the server: padding a small client into a big client's
+  bucket (bucketing=False) must not change anything."""
+  xs, ys = _classification_clients([3, 5, 20, 41])
+  fd = fs.FederatedData.from_arrays(xs, ys)
+  model = fs.models.softmax_regression(5, 3)
+  algo = fs.algorithms.fedavg(batch_size=4, local_epochs=2, client_optimizer=optax.adam(0.05),
+                              server_optimizer=optax.sgd(1.0, momentum=0.9))
+  a = fs.simulate(algo, model, fd, rounds=3, clients_per_round=3, seed=1)
+  b = fs.simulate(algo, model, fd, rounds=3, clients_per_round=3, seed=1, bucketing=False)
+  assert a.info["num_buckets"] > 1 and b.info["num_buckets"] == 1
+  _close(a.params, b.params)

@@ -34,11 +34,14 @@ class Bucket(NamedTuple):
     capacity: most of its members one round can sample (``min(cohort, members)``).
     chunk: clients vmapped together.
     members: number of population clients in the bucket.
+    dense: a round is expected to fill at least half the capacity (full participation, or one
+      bucket): the shuffles are then drawn for the whole bucket at once rather than per chunk.
   """
   shape: client_lib.BucketShape
   capacity: int
   chunk: int
   members: int
+  dense: bool = True
 
   @property
   def num_chunks(self) -> int:
@@ -112,7 +115,8 @@ def make_buckets(num_examples: np.ndarray, algo: Algorithm, cohort_size: int,
     chunk = min(capacity, 1 << max(0, math.ceil(math.log2(max(expected, 1.0)))))
     if chunk_size is not None:
       chunk = max(1, min(chunk_size, chunk))
-    buckets.append(Bucket(client_lib.bucket_shape(num_examples[g], algo), capacity, chunk, len(g)))
+    buckets.append(Bucket(client_lib.bucket_shape(num_examples[g], algo), capacity, chunk, len(g),
+                          dense=capacity <= 2 * expected))
   return buckets, bucket_of, groups
 
 
@@ -193,11 +197,14 @@ def build_engine(model, algo: Algorithm, train, plan: Plan, cohort_size: int, tr
   uniform = algo.weighting == "uniform"
   zeros_like_f32 = lambda p: jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), p)
 
-  def chunk_inputs(d: DeviceData, ids, present, client_key, shape: client_lib.BucketShape):
-    """Row offsets, sizes (0 for empty slots) and epoch orders of one chunk of clients."""
-    n = jnp.where(present, d.counts[ids], 0)
-    keys = jax.vmap(lambda i: jax.random.fold_in(client_key, i))(ids)
-    return d.offsets[ids], n, client_lib.epoch_orders(keys, n, shape, algo.shuffle)
+  def bucket_inputs(d: DeviceData, ids, present, client_key, shape: client_lib.BucketShape):
+    """Row offsets, sizes (0 for empty slots) and epoch orders of slots ``ids`` (any shape)."""
+    flat_ids, flat_present = ids.reshape(-1), present.reshape(-1)
+    n = jnp.where(flat_present, d.counts[flat_ids], 0)
+    keys = jax.vmap(lambda i: jax.random.fold_in(client_key, i))(flat_ids)
+    orders = client_lib.epoch_orders(keys, n, shape, algo.shuffle)
+    unflat = lambda a: a.reshape(*ids.shape, *a.shape[1:])
+    return unflat(d.offsets[flat_ids]), unflat(n), unflat(orders)
 
   def chunk_reduce(params, client_params, n, present):
     """Weighted sum of the chunk's deltas ``θ_k − θ`` and of its weights."""
@@ -210,9 +217,8 @@ def build_engine(model, algo: Algorithm, train, plan: Plan, cohort_size: int, tr
         client_params, params)
     return delta_sum, jnp.sum(weights)
 
-  def chunk_update(d: DeviceData, params, ids, present, client_key, shape):
+  def chunk_update(d: DeviceData, params, offs, n, orders, present, shape):
     """Weighted delta sum and weight sum of one chunk of clients, trained in one program."""
-    offs, n, orders = chunk_inputs(d, ids, present, client_key, shape)
     train_one = lambda off, n_k, order: client_lib.local_train(
         model, algo, shape, params, d.x, d.y, off, n_k, order, unroll=plan.unroll)
     client_params = _over_chunk(train_one)(offs, n, orders)
@@ -233,19 +239,24 @@ def build_engine(model, algo: Algorithm, train, plan: Plan, cohort_size: int, tr
     total = (zeros_like_f32(state.params), jnp.float32(0.0))
     for b, bucket in enumerate(buckets):
       ids, present = bucket_slots(cohort, d.bucket_of, b, bucket)
+      # Dense buckets draw every slot's shuffle at once (a shuffle loop per small chunk is
+      # dominated by loop overhead); sparse ones per chunk, so that skipped chunks draw nothing.
+      chunks = ((*bucket_inputs(d, ids, present, client_key, bucket.shape), present)
+                if bucket.dense else (ids, present))
 
       def one_chunk(acc, chunk, bucket=bucket):
-        c_ids, c_present = chunk
-        out = lax.cond(jnp.any(c_present),
-                       lambda: chunk_update(d, state.params, c_ids, c_present, client_key,
-                                            bucket.shape),
+        def update():
+          inputs = chunk if bucket.dense else (
+              *bucket_inputs(d, *chunk, client_key, bucket.shape), chunk[1])
+          return chunk_update(d, state.params, *inputs, bucket.shape)
+        out = lax.cond(jnp.any(chunk[-1]), update,
                        lambda: (zeros_like_f32(state.params), jnp.float32(0.0)))
         return jax.tree.map(jnp.add, acc, out), None
 
       if bucket.num_chunks == 1:
-        total, _ = one_chunk(total, (ids[0], present[0]))
+        total, _ = one_chunk(total, jax.tree.map(lambda a: a[0], chunks))
       else:
-        total, _ = lax.scan(one_chunk, total, (ids, present))
+        total, _ = lax.scan(one_chunk, total, chunks)
     return server_update(state, *total)
 
   def metrics_or_nan(params, eval_data, do_eval):
@@ -279,8 +290,10 @@ def build_engine(model, algo: Algorithm, train, plan: Plan, cohort_size: int, tr
   # call per local step is what XLA:CPU runs convolutions fastest with (see Plan).
   sample_j = jax.jit(lambda r: (sample_cohort(round_keys(r)[0], num_clients, cohort_size),
                                 round_keys(r)[1]))
-  slots_j = jax.jit(bucket_slots, static_argnums=(2, 3))
-  inputs_j = jax.jit(chunk_inputs, static_argnums=(4,))
+  def slots_and_inputs(d, cohort, client_key, b, bucket):
+    ids, present = bucket_slots(cohort, d.bucket_of, b, bucket)
+    return present, bucket_inputs(d, ids, present, client_key, bucket.shape)
+  bucket_j = jax.jit(slots_and_inputs, static_argnums=(3, 4))
   start_j = jax.jit(lambda params, n: _over_chunk(
       lambda _: (params, algo.client_optimizer.init(params)))(n))
   step_j = jax.jit(lambda shape, d, carry, t, offs, n, orders: _over_chunk(
@@ -298,10 +311,11 @@ def build_engine(model, algo: Algorithm, train, plan: Plan, cohort_size: int, tr
         cohort, client_key = sample_j(r)
         total = (zeros_like_f32(state.params), jnp.float32(0.0))
         for b, bucket in enumerate(buckets):
-          ids, present = jax.device_get(slots_j(cohort, data.bucket_of, b, bucket))
+          present, inputs = bucket_j(data, cohort, client_key, b, bucket)
+          present = np.asarray(present)
           for c in range(bucket.num_chunks):
             if present[c].any():
-              offs, n, orders = inputs_j(data, ids[c], present[c], client_key, bucket.shape)
+              offs, n, orders = (a[c] for a in inputs)
               carry = start_j(state.params, n)
               for t in range(bucket.shape.num_steps):
                 carry = step_j(bucket.shape, data, carry, t, offs, n, orders)

@@ -68,3 +68,19 @@ def test_eval_schedule(setup):
   res = _run(setup, rounds=5, eval_every=2)
   assert res.history["round"] == [2, 4, 5]
   assert set(res.history) >= {"round", "train_loss", "train_accuracy", "elapsed"}
+
+
+def test_sparse_buckets_match_one_dense_bucket():
+  """Three equal-count size buckets, 4 of 12 clients per round: each bucket's capacity (4) is
+  more than twice its expected share (1.33), so its shuffles are drawn per chunk."""
+  rng = np.random.default_rng(1)
+  sizes = [3] * 4 + [10] * 4 + [30] * 4
+  xs = [rng.normal(size=(n, 4)).astype(np.float32) for n in sizes]
+  ys = [rng.integers(0, 3, n).astype(np.int32) for n in sizes]
+  fd = fs.FederatedData.from_arrays(xs, ys)
+  model = fs.models.softmax_regression(4, 3)
+  algo = fs.algorithms.fedavg(client_lr=0.1, batch_size=4)
+  sparse = fs.simulate(algo, model, fd, rounds=3, clients_per_round=4, seed=2, chunk_size=1)
+  dense = fs.simulate(algo, model, fd, rounds=3, clients_per_round=4, seed=2, bucketing=False)
+  assert sparse.info["num_buckets"] == 3
+  _assert_same(sparse, dense)

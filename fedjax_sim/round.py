@@ -71,8 +71,7 @@ class Plan(NamedTuple):
   unroll: bool
 
 
-def size_buckets(num_examples: np.ndarray, algo: Algorithm, growth: float = 2.0,
-                 max_buckets: int = 6) -> list[np.ndarray]:
+def size_buckets(num_examples: np.ndarray, growth: float = 2.0, max_buckets: int = 6) -> list[np.ndarray]:
   """Groups clients so that within a group the largest is at most ``growth`` × the smallest.
 
   Returns a list of index arrays (each sorted by client id). With equal sizes there is one group.
@@ -103,7 +102,7 @@ def padding_waste(num_examples: np.ndarray, groups: list[np.ndarray], algo: Algo
 def make_buckets(num_examples: np.ndarray, algo: Algorithm, cohort_size: int,
                  chunk_size: int | None, bucketing: bool = True) -> tuple[list[Bucket], np.ndarray, list]:
   """Builds the buckets; returns ``(buckets, bucket_of_client, groups)``."""
-  groups = size_buckets(num_examples, algo) if bucketing else [np.arange(len(num_examples))]
+  groups = size_buckets(num_examples) if bucketing else [np.arange(len(num_examples))]
   bucket_of = np.zeros(len(num_examples), np.int32)
   buckets = []
   for b, g in enumerate(groups):
@@ -170,6 +169,7 @@ class Engine(NamedTuple):
   run_block: Callable  # (state, rounds[R], active[R], evaluate[R]) -> (state, metrics dict of [R])
   init_state: Callable  # params -> ServerState
   buckets: list
+  groups: list  # client indices of each bucket
   plan: Plan
 
 
@@ -190,7 +190,7 @@ def build_engine(model, algo: Algorithm, train, plan: Plan, cohort_size: int, tr
     bucketing: group clients by size (``False``: one bucket padded to the largest client).
   """
   num_clients = train.num_clients
-  buckets, bucket_of, _ = make_buckets(train.num_examples, algo, cohort_size, plan.chunk_size,
+  buckets, bucket_of, groups = make_buckets(train.num_examples, algo, cohort_size, plan.chunk_size,
                                        bucketing)
   data = DeviceData(*train.device_arrays(), jnp.asarray(train.offsets, jnp.int32),
                     jnp.asarray(train.num_examples, jnp.int32), jnp.asarray(bucket_of))
@@ -284,7 +284,7 @@ def build_engine(model, algo: Algorithm, train, plan: Plan, cohort_size: int, tr
     def run_block(state, rounds, active, do_eval):
       return block_j(state, data, eval_data, rounds, active, do_eval)
     run_block.compiled = block_j  # for inspection (compile counts, memory analysis)
-    return Engine(run_block, init_state, buckets, plan)
+    return Engine(run_block, init_state, buckets, groups, plan)
 
   # host_loop: the same pieces, with Python driving rounds, chunks and local steps. One compiled
   # call per local step is what XLA:CPU runs convolutions fastest with (see Plan).
@@ -324,4 +324,4 @@ def build_engine(model, algo: Algorithm, train, plan: Plan, cohort_size: int, tr
       rows.append(eval_j(state.params, eval_data, bool(act and ev)))
     return state, jax.tree.map(lambda *xs: jnp.stack(xs), *rows)
 
-  return Engine(run_block_host, init_state, buckets, plan)
+  return Engine(run_block_host, init_state, buckets, groups, plan)

@@ -235,14 +235,12 @@ def simulate(algorithm: Algorithm, model: Model, train: FederatedData, rounds: i
   engine = round_lib.build_engine(model, algorithm, train, chosen, cohort_size,
                                   jax.random.fold_in(key, STREAM_TRAIN), evaluate, eval_data,
                                   bucketing)
-  groups = round_lib.size_buckets(train.num_examples, algorithm) if bucketing else \
-      [np.arange(train.num_clients)]
   info = {
       "plan": chosen.name, "chunk_size": chosen.chunk_size, "unroll": chosen.unroll,
       "backend": backend, "cohort_size": cohort_size, "rounds_per_block": block_len,
       "num_buckets": len(engine.buckets),
       "bucket_max_examples": [b.shape.max_examples for b in engine.buckets],
-      "padding_waste": round_lib.padding_waste(train.num_examples, groups, algorithm),
+      "padding_waste": round_lib.padding_waste(train.num_examples, engine.groups, algorithm),
       "padding_waste_unbucketed": round_lib.padding_waste(
           train.num_examples, [np.arange(train.num_clients)], algorithm),
   }

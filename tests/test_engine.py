@@ -187,7 +187,7 @@ def test_cohort_sampling_is_uniform_without_replacement():
 def test_size_buckets_bound_padding():
   sizes = np.array([3, 4, 5, 9, 17, 30, 120, 400, 401, 800])
   algo = fs.algorithms.fedavg(batch_size=4)
-  groups = fs.round.size_buckets(sizes, algo)
+  groups = fs.round.size_buckets(sizes)
   assert sorted(np.concatenate(groups).tolist()) == list(range(len(sizes)))
   for g in groups:
     assert sizes[g].max() <= 2 * sizes[g].min()

@@ -43,7 +43,7 @@ class Model(NamedTuple):
 
   def per_example_loss(self, params: Params, x: jax.Array, y: jax.Array) -> jax.Array:
     """Loss of each example, shape ``[batch]``."""
-    return _per_example_loss(self.task, self.apply(params, x), y)
+    return loss_from_outputs(self.task, self.apply(params, x), y)
 
   def loss(self, params: Params, x: jax.Array, y: jax.Array, mask: jax.Array | None = None):
     """Mean loss over the real examples of a batch (``mask`` marks them; all when ``None``)."""
@@ -55,14 +55,15 @@ class Model(NamedTuple):
 
   def correct(self, params: Params, x: jax.Array, y: jax.Array) -> jax.Array:
     """1.0 where the prediction is right (classifiers only), shape ``[batch]``."""
-    return _per_example_correct(self.task, self.apply(params, x), y)
+    return correct_from_outputs(self.task, self.apply(params, x), y)
 
   @property
   def is_classifier(self) -> bool:
     return self.task != "regression"
 
 
-def _per_example_loss(task: str, out: jax.Array, y: jax.Array) -> jax.Array:
+def loss_from_outputs(task: str, out: jax.Array, y: jax.Array) -> jax.Array:
+  """Per-example loss of model outputs ``out`` for labels ``y`` under ``task``."""
   if task == "regression":
     return 0.5 * jnp.square(out.reshape(y.shape) - y)
   if task == "binary":
@@ -70,7 +71,8 @@ def _per_example_loss(task: str, out: jax.Array, y: jax.Array) -> jax.Array:
   return optax.softmax_cross_entropy_with_integer_labels(out, y)
 
 
-def _per_example_correct(task: str, out: jax.Array, y: jax.Array) -> jax.Array:
+def correct_from_outputs(task: str, out: jax.Array, y: jax.Array) -> jax.Array:
+  """Per-example 1.0/0.0 correctness of classifier outputs ``out`` for labels ``y``."""
   if task == "binary":
     return ((out.reshape(y.shape) > 0) == (y > 0)).astype(jnp.float32)
   if task == "multiclass":

@@ -16,7 +16,7 @@ from fedjax_sim import round as round_lib
 from fedjax_sim._checks import positive_int
 from fedjax_sim.algorithms import Algorithm
 from fedjax_sim.data import DataError, FederatedData
-from fedjax_sim.models import Model, _per_example_correct, _per_example_loss, num_params
+from fedjax_sim.models import Model, correct_from_outputs, loss_from_outputs, num_params
 
 # Named randomness streams: key(seed) folded with these constants.
 STREAM_INIT, STREAM_TRAIN = 0, 1
@@ -63,8 +63,8 @@ def dataset_evaluator(model: Model, total: int, prefix: str, unroll: bool = Fals
       real = (rows < total).astype(jnp.float32)
       rows = jnp.minimum(rows, total - 1)
       out = model.apply(params, x[rows])
-      loss = jnp.sum(_per_example_loss(model.task, out, y[rows]) * real)
-      correct = (jnp.sum(_per_example_correct(model.task, out, y[rows]) * real)
+      loss = jnp.sum(loss_from_outputs(model.task, out, y[rows]) * real)
+      correct = (jnp.sum(correct_from_outputs(model.task, out, y[rows]) * real)
                  if model.is_classifier else jnp.float32(0))
       return (acc[0] + loss, acc[1] + correct), None
     (loss, correct), _ = lax.scan(body, (jnp.float32(0), jnp.float32(0)), jnp.arange(num_batches),
@@ -218,7 +218,9 @@ def simulate(algorithm: Algorithm, model: Model, train: FederatedData, rounds: i
       plan, chunk_size, rounds_per_block)
   key = jax.random.key(int(seed))
   params = model.init(jax.random.fold_in(key, STREAM_INIT)) if init_params is None else init_params
-  params = jax.tree.map(jnp.asarray, params)
+  # A fresh copy: the server state is donated to the compiled block, which must not invalidate
+  # arrays the caller passed as init_params.
+  params = jax.tree.map(lambda a: jnp.array(a, copy=True), params)
   _check_labels(model, params, train, "train")
   if test is not None:
     _check_labels(model, params, test, "test")

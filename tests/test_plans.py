@@ -84,3 +84,10 @@ def test_sparse_buckets_match_one_dense_bucket():
   dense = fs.simulate(algo, model, fd, rounds=3, clients_per_round=4, seed=2, bucketing=False)
   assert sparse.info["num_buckets"] == 3
   _assert_same(sparse, dense)
+
+
+def test_init_params_survive_donation(setup):
+  fd, model, algo = setup
+  init = model.init(jax.random.key(7))
+  fs.simulate(algo, model, fd, rounds=2, init_params=init)
+  assert all(np.all(np.isfinite(np.asarray(a))) for a in jax.tree.leaves(init))  # still readable

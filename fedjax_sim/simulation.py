@@ -95,6 +95,20 @@ def _check_labels(model: Model, params, data: FederatedData, name: str) -> None:
     raise DataError(f"{name} labels must be 0 or 1 for a binary model; found {np.unique(y)[:5]}")
 
 
+def _check_init_params(params, expected, model_name: str) -> None:
+  """``params`` must have the structure and leaf shapes of ``model.init``'s output."""
+  got_leaves, got_tree = jax.tree.flatten(params)
+  want_leaves, want_tree = jax.tree.flatten(expected)
+  if got_tree != want_tree:
+    raise ValueError(f"init_params do not have the structure of model {model_name!r}'s params: "
+                     f"got {got_tree}, expected {want_tree}")
+  for path_leaf, got, want in zip(jax.tree_util.tree_flatten_with_path(expected)[0], got_leaves,
+                                  want_leaves):
+    if tuple(np.shape(got)) != tuple(want.shape):
+      raise ValueError(f"init_params{jax.tree_util.keystr(path_leaf[0])} has shape "
+                       f"{tuple(np.shape(got))}; model {model_name!r} expects {tuple(want.shape)}")
+
+
 def contains_convolution(fn: Callable, *args) -> bool:
   """True when tracing ``fn(*args)`` meets a convolution (which XLA:CPU runs slowly in loops)."""
   return "conv_general_dilated" in str(jax.make_jaxpr(fn)(*args))
@@ -217,7 +231,10 @@ def simulate(algorithm: Algorithm, model: Model, train: FederatedData, rounds: i
       algorithm, model, train, test, rounds, clients_per_round, client_fraction, seed, eval_every,
       plan, chunk_size, rounds_per_block)
   key = jax.random.key(int(seed))
-  params = model.init(jax.random.fold_in(key, STREAM_INIT)) if init_params is None else init_params
+  init_key = jax.random.fold_in(key, STREAM_INIT)
+  if init_params is not None:
+    _check_init_params(init_params, jax.eval_shape(model.init, init_key), model.name)
+  params = model.init(init_key) if init_params is None else init_params
   # A fresh copy: the server state is donated to the compiled block, which must not invalidate
   # arrays the caller passed as init_params.
   params = jax.tree.map(lambda a: jnp.array(a, copy=True), params)

@@ -119,3 +119,14 @@ def test_flax_adapters_train():
                 fs.models.from_nnx(Nnx, "multiclass")):
     res = fs.simulate(algo, model, fd, rounds=8, eval_every=7)
     assert res.history["train_loss"][-1] < res.history["train_loss"][0]
+
+
+def test_init_params_of_the_wrong_shape_are_named():
+  fd = fs.FederatedData.from_arrays([np.ones((3, 4), np.float32)], [np.array([0, 1, 2])])
+  model = fs.models.softmax_regression(4, 3)
+  algo = fs.algorithms.fedavg(batch_size=2)
+  with pytest.raises(ValueError, match=r"init_params\['kernel'\] has shape \(4, 2\); .* expects \(4, 3\)"):
+    fs.simulate(algo, model, fd, rounds=1,
+                init_params={"kernel": np.zeros((4, 2)), "bias": np.zeros(3)})
+  with pytest.raises(ValueError, match="structure"):
+    fs.simulate(algo, model, fd, rounds=1, init_params={"kernel": np.zeros((4, 3))})

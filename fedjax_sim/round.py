@@ -300,7 +300,8 @@ def build_engine(model, algo: Algorithm, train, plan: Plan, cohort_size: int, tr
       lambda c, o, n_k, order: client_lib.local_step(model, algo, shape, d.x, d.y, c, t, o,
                                                      n_k, order))(carry, offs, n, orders),
                    static_argnums=(0,))
-  reduce_j = jax.jit(chunk_reduce)
+  accumulate_j = jax.jit(lambda total, params, client_params, n, present: jax.tree.map(
+      jnp.add, total, chunk_reduce(params, client_params, n, present)), donate_argnums=0)
   server_j = jax.jit(server_update)
   eval_j = jax.jit(lambda p, e, ev: dict(metrics_or_nan(p, e, ev), finite=finite(p)))
 
@@ -319,7 +320,7 @@ def build_engine(model, algo: Algorithm, train, plan: Plan, cohort_size: int, tr
               carry = start_j(state.params, n)
               for t in range(bucket.shape.num_steps):
                 carry = step_j(bucket.shape, data, carry, t, offs, n, orders)
-              total = jax.tree.map(jnp.add, total, reduce_j(state.params, carry[0], n, present[c]))
+              total = accumulate_j(total, state.params, carry[0], n, present[c])
         state = server_j(state, *total)
       rows.append(eval_j(state.params, eval_data, bool(act and ev)))
     return state, jax.tree.map(lambda *xs: jnp.stack(xs), *rows)

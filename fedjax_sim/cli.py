@@ -31,7 +31,7 @@ CONFIG_KEYS = {
     "local_epochs": (1, "local epochs E per round"),
     "local_steps": (None, "fixed local steps H per round instead of epochs (Local SGD)"),
     "batch_size": (16, "local mini-batch size B ('none' = full batch)"),
-    "client_lr": (0.1, "client learning rate"),
+    "client_lr": (0.1, "client learning rate (for fedsgd: the step on the mean gradient)"),
     "server_lr": (1.0, "server SGD learning rate on the pseudo-gradient (1.0 = FedAvg)"),
     "weighting": ("num_examples", "server average weights: num_examples | uniform"),
     "shuffle": (True, "reshuffle client data every epoch"),
@@ -117,10 +117,8 @@ def build_experiment(config: dict):
                     shuffle=config["shuffle"], weighting=config["weighting"])
       if config["server_lr"] != 1.0:
         import optax
-        server_lr = config["server_lr"]
-        if isinstance(server_lr, bool) or not isinstance(server_lr, (int, float)) or not server_lr > 0:
-          raise ValueError(f"server_lr must be a positive number, got {server_lr!r}")
-        kwargs["server_optimizer"] = optax.sgd(float(server_lr))
+        from fedjax_sim._checks import positive_float
+        kwargs["server_optimizer"] = optax.sgd(positive_float("server_lr", config["server_lr"]))
       if name == "local_sgd":
         algo = algorithms.local_sgd(local_steps=config["local_steps"] or 1, **kwargs)
       else:

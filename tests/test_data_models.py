@@ -35,7 +35,7 @@ def test_bad_data_is_named(xs, ys, message):
 
 
 def test_npz_round_trip_and_errors(tmp_path):
-  fd, _ = fedprox_synthetic(0.5, 0.5, num_devices=4, seed=1)
+  fd, _ = fedprox_synthetic(0.5, 0.5, num_devices=12, seed=1)  # ids "10" < "2" as strings
   path = str(tmp_path / "d.npz")
   save_npz(path, fd)
   back = load_npz(path)

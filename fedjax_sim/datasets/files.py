@@ -15,7 +15,8 @@ def load_npz(path: str) -> FederatedData:
 
   * columns: arrays ``x`` (``[N, ...]``), ``y`` (``[N]``) and ``client_id`` (``[N]``); clients appear
     in order of their first example and keep their examples' order;
-  * per client: arrays ``x/<id>`` and ``y/<id>`` for each client id (sorted by id).
+  * per client: arrays ``x/<id>`` and ``y/<id>`` for each client id, in the order of an optional
+    ``client_ids`` array (as :func:`save_npz` writes), else sorted by id.
 
   Nothing is unpickled (``allow_pickle=False``).
 
@@ -41,6 +42,10 @@ def load_npz(path: str) -> FederatedData:
                                      [str(i) for i in ids])
   xs = sorted(k[2:] for k in arrays if k.startswith("x/"))
   ys = sorted(k[2:] for k in arrays if k.startswith("y/"))
+  if "client_ids" in arrays:  # written by save_npz: keep the original client order
+    order = [str(c) for c in arrays["client_ids"]]
+    if sorted(order) == xs:
+      xs = ys = order
   if not xs:
     raise DataError(f"{path}: expected arrays x, y, client_id or x/<id>, y/<id>; found "
                     f"{sorted(arrays)[:6]}")
@@ -52,7 +57,7 @@ def load_npz(path: str) -> FederatedData:
 
 def save_npz(path: str, data: FederatedData) -> None:
   """Writes ``data`` in the per-client layout :func:`load_npz` reads."""
-  arrays = {}
+  arrays = {"client_ids": np.array(data.client_ids)}
   for i, cid in enumerate(data.client_ids):
     arrays["x/" + cid], arrays["y/" + cid] = data.client(i)
   np.savez(path, **arrays)

@@ -4,9 +4,17 @@ Each entry of :data:`REGISTRY` maps a name to ``fn(seed, **options) -> (train, t
 num_classes)``; ``num_classes`` is ``None`` for regression and ``2`` for binary data.
 """
 
+import os
+
 import numpy as np
 
+from fedjax_sim.datasets.digits import load_digits_federated
+from fedjax_sim.datasets.download import PUBLIC_FILES, download
+from fedjax_sim.datasets.fedjax_sqlite import (load_fedjax_sqlite, save_fedjax_sqlite,
+                                               shakespeare_examples)
 from fedjax_sim.datasets.files import load_npz, save_npz
+from fedjax_sim.datasets.leaf import (SHAKESPEARE_VOCAB, VOCAB_SIZE, decode_text, encode_text,
+                                      load_leaf, load_leaf_splits)
 from fedjax_sim.datasets.synthetic import (fedprox_synthetic, linear_regression_client,
                                            logistic_demo, power_law_population)
 
@@ -34,6 +42,39 @@ def _npz(seed, path=None):
   return train, None, num_classes
 
 
+def _num_classes(text, *datasets):
+  """``VOCAB_SIZE`` for text; ``max(y) + 1`` over ``datasets`` for integer labels; else ``None``."""
+  if text:
+    return VOCAB_SIZE
+  ys = [d.y for d in datasets if d is not None]
+  if not all(np.issubdtype(y.dtype, np.integer) for y in ys):
+    return None
+  return max(int(y.max()) for y in ys) + 1
+
+
+def _leaf(seed, path=None, split=None, text=None):
+  if path is None:
+    raise ValueError("dataset 'leaf' needs dataset_options.path (a LEAF .json file or directory)")
+  path = str(path)
+  if split is None and all(os.path.isdir(os.path.join(path, s)) for s in ("train", "test")):
+    train, test = load_leaf_splits(path, text)
+  else:
+    train, test = load_leaf(path, split, text), None
+  return train, test, _num_classes(text, train, test)
+
+
+def _fedjax_sqlite(seed, path=None, x_key="x", y_key="y", text=None):
+  if path is None:
+    raise ValueError("dataset 'fedjax_sqlite' needs dataset_options.path (the .sqlite file)")
+  train = load_fedjax_sqlite(str(path), x_key, y_key, text=text)
+  return train, None, _num_classes(text, train)
+
+
+def _digits(seed, partition="dirichlet", num_clients=20, alpha=0.5):
+  train, test = load_digits_federated(partition, num_clients, alpha, seed=seed)
+  return train, test, 10
+
+
 REGISTRY = {
     "power_law": (_power_law, "5,000 clients, lognormal sizes (median ~20, long tail), 60 "
                   "features, 10 classes, non-IID; options: num_clients, heterogeneity"),
@@ -45,7 +86,15 @@ REGISTRY = {
     "linear_regression": (lambda seed: (linear_regression_client(seed=seed), None, None),
                           "one client, 3 features, y = x·[2, -1, 0.5] + noise"),
     "npz": (_npz, "your own .npz file (see fedjax_sim.datasets.load_npz); option: path"),
+    "leaf": (_leaf, "LEAF JSON file/directory (FEMNIST, Shakespeare...); options: path, split, "
+             "text ('shakespeare' maps characters to ids)"),
+    "fedjax_sqlite": (_fedjax_sqlite, "FedJAX SQLite client file; options: path, x_key, y_key "
+                      "(EMNIST: pixels/label), text ('shakespeare' for snippets)"),
+    "digits": (_digits, "scikit-learn 8x8 digits (bundled, needs scikit-learn), 64 features, 10 "
+               "classes; options: partition, num_clients, alpha"),
 }
 
-__all__ = ["REGISTRY", "fedprox_synthetic", "load_npz", "save_npz", "linear_regression_client", "logistic_demo",
-           "power_law_population"]
+__all__ = ["PUBLIC_FILES", "REGISTRY", "SHAKESPEARE_VOCAB", "VOCAB_SIZE", "decode_text", "download",
+           "encode_text", "fedprox_synthetic", "linear_regression_client", "load_digits_federated",
+           "load_fedjax_sqlite", "load_leaf", "load_leaf_splits", "load_npz", "logistic_demo",
+           "power_law_population", "save_fedjax_sqlite", "save_npz", "shakespeare_examples"]

@@ -21,7 +21,7 @@ import numpy as np
 import optax
 from jax import lax
 
-from fedjax_sim.algorithms import Algorithm
+from fedjax_sim.algorithms import Algorithm, ClientContext
 
 
 class BucketShape(NamedTuple):
@@ -56,8 +56,12 @@ def num_local_steps(num_examples, algo: Algorithm):
   return algo.local_epochs * steps_per_epoch(num_examples, algo.batch_size)
 
 
-def bucket_shape(num_examples: np.ndarray, algo: Algorithm) -> BucketShape:
-  """The static shapes that fit every client size in ``num_examples``."""
+def bucket_shape(num_examples: np.ndarray, algo: Algorithm,
+                 variable_steps: bool = False) -> BucketShape:
+  """The static shapes that fit every client size in ``num_examples``.
+
+  ``variable_steps``: clients may stop early (partial stragglers), so steps must be masked.
+  """
   largest, smallest = int(num_examples.max()), int(num_examples.min())
   batch = largest if algo.batch_size is None else algo.batch_size
   steps = int(num_local_steps(largest, algo))
@@ -65,7 +69,7 @@ def bucket_shape(num_examples: np.ndarray, algo: Algorithm) -> BucketShape:
     epochs = algo.local_epochs
   else:  # the smallest client cycles through the most epochs
     epochs = -(-algo.local_steps // int(steps_per_epoch(smallest, algo.batch_size)))
-  equal = steps == int(num_local_steps(smallest, algo))
+  equal = steps == int(num_local_steps(smallest, algo)) and not variable_steps
   return BucketShape(largest, batch, steps, epochs, equal)
 
 
@@ -109,49 +113,105 @@ def epoch_orders(keys: jax.Array, num_examples: jax.Array, shape: BucketShape,
   return orders.T.reshape(num_clients, epochs, length)
 
 
+class ClientJob(NamedTuple):
+  """One client's inputs to a round (each field gains a leading axis when vmapped over a chunk).
+
+  Attributes:
+    offset: first row of the client in the population's flat arrays.
+    num_examples: ``n``; ``0`` marks an empty slot (every step masked).
+    num_steps: local steps this client takes this round (``E·⌈n/B⌉``, ``H``, fewer for a straggler).
+    orders: ``[num_epochs, max_examples]`` example order per epoch (see :func:`epoch_orders`).
+  """
+  offset: jax.Array
+  num_examples: jax.Array
+  num_steps: jax.Array
+  orders: jax.Array
+
+
 def local_step(model, algo: Algorithm, shape: BucketShape, x_all: jax.Array, y_all: jax.Array,
-               carry, t: jax.Array, offset: jax.Array, num_examples: jax.Array, orders: jax.Array):
+               carry, t: jax.Array, job: ClientJob, context: ClientContext):
   """Local step ``t`` of one client: ``carry = (params, opt_state)`` → the next carry.
+
+  The step's batch holds positions ``j·B … j·B + B − 1`` of epoch ``t // spe``'s order; its mean-loss
+  gradient goes through ``algo.hooks.gradient`` (e.g. FedProx's proximal term), then the client
+  optimizer, then ``algo.hooks.update_scale``. Steps ``t ≥ job.num_steps`` change nothing.
 
   Args:
     model: the :class:`~fedjax_sim.models.Model`.
-    algo: the algorithm (batch size, epochs/steps, client optimizer).
+    algo: the algorithm (batch size, client optimizer, hooks).
     shape: the bucket's static shapes.
     x_all, y_all: the population's flat example arrays.
     carry: ``(params, client_opt_state)``.
     t: the step index (0-based).
-    offset: first row of this client in ``x_all``.
-    num_examples: ``n`` of this client; ``0`` marks an empty slot (every step masked).
-    orders: ``[num_epochs, max_examples]`` example order per epoch (see :func:`epoch_orders`).
+    job: the client's :class:`ClientJob`.
+    context: the client's :class:`~fedjax_sim.algorithms.ClientContext`.
   """
   w, opt_state = carry
-  spe = jnp.maximum(steps_per_epoch(num_examples, algo.batch_size), 1)
-  my_steps = jnp.where(num_examples > 0, num_local_steps(num_examples, algo), 0)
+  n = job.num_examples
+  spe = jnp.maximum(steps_per_epoch(n, algo.batch_size), 1)
   epoch, j = t // spe, t % spe
   pos = j * shape.batch + jnp.arange(shape.batch, dtype=jnp.int32)
-  real = (pos < num_examples) & (t < my_steps)
-  local = orders[jnp.minimum(epoch, shape.num_epochs - 1), jnp.minimum(pos, shape.max_examples - 1)]
-  rows = offset + jnp.where(real, local, 0)
+  active = t < job.num_steps
+  real = (pos < n) & active
+  local = job.orders[jnp.minimum(epoch, shape.num_epochs - 1),
+                     jnp.minimum(pos, shape.max_examples - 1)]
+  rows = job.offset + jnp.where(real, local, 0)
   grads = jax.grad(model.loss)(w, x_all[rows], y_all[rows], real)
+  hooks = algo.hooks
+  if hooks.gradient is not None:
+    grads = hooks.gradient(grads, w, context)
   updates, new_opt_state = algo.client_optimizer.update(grads, opt_state, w)
+  if hooks.update_scale is not None:
+    scale = hooks.update_scale(context.round)
+    updates = jax.tree.map(lambda u: (u * scale).astype(u.dtype), updates)
   new_w = optax.apply_updates(w, updates)
   if shape.equal_steps:
     return new_w, new_opt_state
-  keep = lambda new, old: jnp.where(t < my_steps, new, old)
+  keep = lambda new, old: jnp.where(active, new, old)
   return jax.tree.map(keep, new_w, w), jax.tree.map(keep, new_opt_state, opt_state)
 
 
 def local_train(model, algo: Algorithm, shape: BucketShape, params, x_all: jax.Array,
-                y_all: jax.Array, offset: jax.Array, num_examples: jax.Array,
-                orders: jax.Array, unroll: bool | int = 1):
-  """Runs one client's local SGD from ``params`` (``lax.scan`` of :func:`local_step`).
+                y_all: jax.Array, job: ClientJob, context: ClientContext,
+                num_steps: jax.Array | None = None, unroll: bool | int = 1):
+  """Runs one client's local training from ``params``; returns its final params.
 
-  Returns:
-    The client's final params.
+  Args:
+    num_steps: the loop's trip count, shared by the vmapped chunk (the largest ``job.num_steps``
+      of its clients). A chunk whose clients are all small, or a short Local-SGD round, then runs
+      only the steps it needs instead of the bucket's static ``shape.num_steps``. ``None`` (or
+      ``unroll``) runs the static count with ``lax.scan``.
+    unroll: scan unrolling (convolutions on CPU).
   """
-  def step(carry, t):
-    return local_step(model, algo, shape, x_all, y_all, carry, t, offset, num_examples,
-                      orders), None
+  def step(t, carry):
+    return local_step(model, algo, shape, x_all, y_all, carry, t, job, context)
   carry = (params, algo.client_optimizer.init(params))
-  (w, _), _ = lax.scan(step, carry, jnp.arange(shape.num_steps), unroll=unroll)
-  return w
+  if num_steps is None or unroll is True:
+    carry, _ = lax.scan(lambda c, t: (step(t, c), None), carry, jnp.arange(shape.num_steps),
+                        unroll=unroll)
+  else:
+    carry = lax.fori_loop(0, jnp.minimum(num_steps, shape.num_steps), step, carry)
+  return carry[0]
+
+
+def full_gradient(model, x_all: jax.Array, y_all: jax.Array, offset: jax.Array,
+                  num_examples: jax.Array, max_examples: int, params, width: int = 256):
+  """``∇F_k(params)``: the gradient of the client's mean loss over all its ``n`` examples.
+
+  Scans the client's rows in slices of ``width`` (the sum of per-slice loss sums, divided by ``n``),
+  so memory does not grow with the client's size.
+  """
+  width = min(width, max_examples)
+  num_slices = -(-max_examples // width)
+
+  def body(acc, i):
+    pos = i * width + jnp.arange(width, dtype=jnp.int32)
+    real = pos < num_examples
+    rows = offset + jnp.where(real, pos, 0)
+    total = lambda p: jnp.sum(model.per_example_loss(p, x_all[rows], y_all[rows])
+                              * real.astype(jnp.float32))
+    return jax.tree.map(jnp.add, acc, jax.grad(total)(params)), None
+
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  sums, _ = lax.scan(body, zeros, jnp.arange(num_slices))
+  return jax.tree.map(lambda g: g / jnp.maximum(num_examples, 1).astype(g.dtype), sums)

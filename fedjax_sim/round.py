@@ -5,8 +5,9 @@ chunks of the bucket's cohort members → stream a weighted sum of client deltas
 A block is a ``lax.scan`` of rounds with evaluation folded in, so the host wakes once per block.
 
 Randomness (reproducible whatever the plan, chunk or block size):
-``round_key = fold_in(train_key, r)``; ``sample, clients, server = split(round_key, 3)``;
-client ``k``'s key is ``fold_in(clients, k)`` with ``k`` its global id.
+``round_key = fold_in(train_key, r)``; ``sample, clients, system = split(round_key, 3)``;
+client ``k``'s key is ``fold_in(clients, k)`` with ``k`` its global id; ``system`` draws the
+stragglers and dropouts (:mod:`fedjax_sim.systems`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import optax
 from jax import lax
 
 from fedjax_sim import client as client_lib
-from fedjax_sim.algorithms import Algorithm
+from fedjax_sim import systems
+from fedjax_sim.algorithms import Algorithm, ClientContext, ClientOutput, RoundSummary
 
 PLANS = ("auto", "vmap", "chunked", "scan", "host_loop")
 
@@ -49,8 +51,34 @@ class Bucket(NamedTuple):
 
 
 class ServerState(NamedTuple):
+  """The server's state between rounds (donated to the compiled block).
+
+  Attributes:
+    params: the global model.
+    opt_state: the server optimizer's state.
+    extra: the algorithm's server state (``Hooks.init_server_extra``), e.g. SCAFFOLD's ``c``.
+    client_states: the algorithm's per-client state for the whole population, leaves
+      ``[num_clients, ...]`` (``Hooks.init_client_state``), e.g. SCAFFOLD's ``c_i``.
+  """
   params: Any
   opt_state: Any
+  extra: Any = None
+  client_states: Any = None
+
+
+class RoundSums(NamedTuple):
+  """Running reductions over the clients that returned an update (``w_k`` = server weight)."""
+  delta: Any  # Σ w_k Δ_k
+  message: Any  # Σ w_k message_k
+  weight: jax.Array  # Σ w_k
+  sq_norm: jax.Array  # Σ w_k ‖Δ_k‖²
+  norm_sum: jax.Array  # Σ ‖Δ_k‖
+  norm_max: jax.Array  # max ‖Δ_k‖
+  count: jax.Array  # number of clients
+
+  def combine(self, other: "RoundSums") -> "RoundSums":
+    added = jax.tree.map(jnp.add, self._replace(norm_max=0.0), other._replace(norm_max=0.0))
+    return added._replace(norm_max=jnp.maximum(self.norm_max, other.norm_max))
 
 
 class Plan(NamedTuple):
@@ -100,7 +128,8 @@ def padding_waste(num_examples: np.ndarray, groups: list[np.ndarray], algo: Algo
 
 
 def make_buckets(num_examples: np.ndarray, algo: Algorithm, cohort_size: int,
-                 chunk_size: int | None, bucketing: bool = True) -> tuple[list[Bucket], np.ndarray, list]:
+                 chunk_size: int | None, bucketing: bool = True,
+                 variable_steps: bool = False) -> tuple[list[Bucket], np.ndarray, list]:
   """Builds the buckets; returns ``(buckets, bucket_of_client, groups)``."""
   groups = size_buckets(num_examples) if bucketing else [np.arange(len(num_examples))]
   bucket_of = np.zeros(len(num_examples), np.int32)
@@ -114,7 +143,8 @@ def make_buckets(num_examples: np.ndarray, algo: Algorithm, cohort_size: int,
     chunk = min(capacity, 1 << max(0, math.ceil(math.log2(max(expected, 1.0)))))
     if chunk_size is not None:
       chunk = max(1, min(chunk_size, chunk))
-    buckets.append(Bucket(client_lib.bucket_shape(num_examples[g], algo), capacity, chunk, len(g),
+    buckets.append(Bucket(client_lib.bucket_shape(num_examples[g], algo, variable_steps), capacity,
+                          chunk, len(g),
                           dense=capacity <= 2 * expected))
   return buckets, bucket_of, groups
 
@@ -144,13 +174,14 @@ def sample_cohort(key: jax.Array, num_clients: int, cohort_size: int) -> jax.Arr
 def bucket_slots(cohort: jax.Array, bucket_of: jax.Array, b: int, bucket: Bucket):
   """The cohort members in bucket ``b`` packed into ``num_chunks × chunk`` slots.
 
-  Returns ``(ids, present)`` each ``[num_chunks, chunk]``; empty slots have ``present=False``.
+  Returns ``(ids, pos)`` each ``[num_chunks, chunk]``: global client ids and cohort positions;
+  empty slots have ``pos == len(cohort)`` and id 0.
   """
   slots = bucket.num_chunks * bucket.chunk
   pos = jnp.nonzero(bucket_of[cohort] == b, size=slots, fill_value=cohort.shape[0])[0]
-  present = pos < cohort.shape[0]
-  ids = jnp.where(present, jnp.append(cohort, 0)[pos], 0)
-  return ids.reshape(bucket.num_chunks, bucket.chunk), present.reshape(bucket.num_chunks, bucket.chunk)
+  ids = jnp.where(pos < cohort.shape[0], jnp.append(cohort, 0)[pos], 0)
+  return ids.reshape(bucket.num_chunks, bucket.chunk), pos.reshape(bucket.num_chunks, bucket.chunk)
+
 
 
 class DeviceData(NamedTuple):
@@ -173,9 +204,13 @@ class Engine(NamedTuple):
   plan: Plan
 
 
+ROUND_STATS = ("drift", "update_norm_mean", "update_norm_max", "participants")
+
+
 def build_engine(model, algo: Algorithm, train, plan: Plan, cohort_size: int, train_key: jax.Array,
-                 evaluate: Callable[[Any, Any], dict], eval_data: Any,
-                 bucketing: bool = True) -> Engine:
+                 evaluate: Callable[[Any, Any], dict], eval_data: Any, bucketing: bool = True,
+                 system: systems.Heterogeneity | None = None,
+                 population_metrics: Callable | None = None) -> Engine:
   """Compiles the round for one (model, algorithm, dataset, plan).
 
   Args:
@@ -188,141 +223,271 @@ def build_engine(model, algo: Algorithm, train, plan: Plan, cohort_size: int, tr
     evaluate: ``fn(params, eval_data) -> {name: scalar}``, the metrics of evaluated rounds.
     eval_data: the arrays ``evaluate`` reads (passed to the compiled block as an argument).
     bucketing: group clients by size (``False``: one bucket padded to the largest client).
+    system: stragglers and dropouts (:class:`~fedjax_sim.systems.Heterogeneity`).
+    population_metrics: ``fn(params, device_data, groups) -> {name: scalar}``, more metrics of
+      evaluated rounds that read the training population (e.g. gradient dissimilarity).
   """
   num_clients = train.num_clients
+  hooks = algo.hooks
+  system = systems.check(system)
   buckets, bucket_of, groups = make_buckets(train.num_examples, algo, cohort_size, plan.chunk_size,
-                                       bucketing)
+                                            bucketing, variable_steps=system.partial)
   data = DeviceData(*train.device_arrays(), jnp.asarray(train.offsets, jnp.int32),
                     jnp.asarray(train.num_examples, jnp.int32), jnp.asarray(bucket_of))
+  hparams = {k: jnp.asarray(v, jnp.float32) for k, v in algo.hparams.items()}
   uniform = algo.weighting == "uniform"
-  zeros_like_f32 = lambda p: jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), p)
+  f32 = lambda tree: jax.tree.map(lambda a: a.astype(jnp.float32), tree)
+  zeros_of = lambda fn, *args: (lambda: jax.tree.map(
+      lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(fn, *args)))
 
-  def bucket_inputs(d: DeviceData, ids, present, client_key, shape: client_lib.BucketShape):
-    """Row offsets, sizes (0 for empty slots) and epoch orders of slots ``ids`` (any shape)."""
-    flat_ids, flat_present = ids.reshape(-1), present.reshape(-1)
-    n = jnp.where(flat_present, d.counts[flat_ids], 0)
-    keys = jax.vmap(lambda i: jax.random.fold_in(client_key, i))(flat_ids)
-    orders = client_lib.epoch_orders(keys, n, shape, algo.shuffle)
-    unflat = lambda a: a.reshape(*ids.shape, *a.shape[1:])
-    return unflat(d.offsets[flat_ids]), unflat(n), unflat(orders)
-
-  def chunk_reduce(params, client_params, n, present):
-    """Weighted sum of the chunk's deltas ``θ_k − θ`` and of its weights."""
-    weights = jnp.where(present, 1.0 if uniform else n.astype(jnp.float32), 0.0)
-    # where(): an empty slot's params never reach the sum, even if its unmasked steps made them
-    # non-finite (buckets with equal step counts do not mask steps).
-    delta_sum = jax.tree.map(
-        lambda cp, p: jnp.tensordot(weights, jnp.where(
-            present.reshape(-1, *([1] * p.ndim)), cp - p[None], 0).astype(jnp.float32), axes=1),
-        client_params, params)
-    return delta_sum, jnp.sum(weights)
-
-  def chunk_update(d: DeviceData, params, offs, n, orders, present, shape):
-    """Weighted delta sum and weight sum of one chunk of clients, trained in one program."""
-    train_one = lambda off, n_k, order: client_lib.local_train(
-        model, algo, shape, params, d.x, d.y, off, n_k, order, unroll=plan.unroll)
-    client_params = _over_chunk(train_one)(offs, n, orders)
-    return chunk_reduce(params, client_params, n, present)
-
-  def server_update(state: ServerState, delta_sum, weight_sum):
-    mean_delta = jax.tree.map(lambda d: d / jnp.maximum(weight_sum, 1e-30), delta_sum)
-    pseudo_grad = jax.tree.map(lambda d, p: (-d).astype(p.dtype), mean_delta, state.params)
-    updates, opt_state = algo.server_optimizer.update(pseudo_grad, state.opt_state, state.params)
-    return ServerState(optax.apply_updates(state.params, updates), opt_state)
-
-  def round_keys(r):
-    return jax.random.split(jax.random.fold_in(train_key, r), 3)
-
-  def device_round(d: DeviceData, state: ServerState, r):
-    sample_key, client_key, _ = round_keys(r)
+  def round_plan(state: ServerState, r):
+    """This round's cohort, per-position conditions, client key and Local-SGD ``H``."""
+    sample_key, client_key, system_key = jax.random.split(jax.random.fold_in(train_key, r), 3)
     cohort = sample_cohort(sample_key, num_clients, cohort_size)
-    total = (zeros_like_f32(state.params), jnp.float32(0.0))
+    conditions = systems.cohort_conditions(system_key, cohort_size, system)
+    h = (jnp.int32(0) if hooks.round_steps is None
+         else jnp.asarray(hooks.round_steps(state.extra, r), jnp.int32))
+    return cohort, conditions, client_key, h
+
+  def slots(d: DeviceData, plan_r, b: int, bucket: Bucket):
+    """Bucket ``b``'s slots: ``(ids, returns, straggler, u)``, each ``[num_chunks, chunk]``."""
+    cohort, conditions, _, _ = plan_r
+    ids, pos = bucket_slots(cohort, d.bucket_of, b, bucket)
+    at = lambda a, fill: jnp.append(a, fill)[pos]
+    return ids, at(conditions.returns, False), at(conditions.straggler, False), at(conditions.u, 0.0)
+
+  def client_jobs(d: DeviceData, ids, returns, straggler, u, client_key, h, shape):
+    """The :class:`client.ClientJob` of each slot (``ids`` of any shape); returns nothing for
+    clients that do not return (their slots run no real step)."""
+    flat = lambda a: a.reshape(-1)
+    ids_f, ret_f = flat(ids), flat(returns)
+    n = jnp.where(ret_f, d.counts[ids_f], 0)
+    steps = (client_lib.num_local_steps(n, algo) if hooks.round_steps is None
+             else jnp.full_like(n, jnp.minimum(h, algo.local_steps)))
+    if system.partial:
+      spe = client_lib.steps_per_epoch(n, algo.batch_size)
+      epochs = None if algo.local_steps is not None else algo.local_epochs
+      steps = jnp.where(flat(straggler), systems.partial_steps(flat(u), steps, spe, epochs), steps)
+    keys = jax.vmap(lambda i: jax.random.fold_in(client_key, i))(ids_f)
+    orders = client_lib.epoch_orders(keys, n, shape, algo.shuffle)
+    job = client_lib.ClientJob(d.offsets[ids_f], n, jnp.where(n > 0, steps, 0), orders)
+    return jax.tree.map(lambda a: a.reshape(*ids.shape, *a.shape[1:]), job)
+
+  def client_context(state: ServerState, r, hp, client_state):
+    extra = None if hooks.client_extra is None else hooks.client_extra(state.extra, client_state)
+    return ClientContext(state.params, r, hp, extra)
+
+  def client_end(d: DeviceData, params, context, new_params, job, client_state, shape):
+    """``(Δ_k, message_k, new client state)`` of one client."""
+    delta = jax.tree.map(lambda a, p: (a - p).astype(jnp.float32), new_params, params)
+    if hooks.client_result is None:
+      return delta, None, None
+    full_grad = lambda p: client_lib.full_gradient(model, d.x, d.y, job.offset, job.num_examples,
+                                                   shape.max_examples, p)
+    out = ClientOutput(context, new_params, job.num_steps, job.num_examples, client_state,
+                       full_grad)
+    message, new_state = hooks.client_result(out)
+    return delta, f32(message), new_state
+
+  def reduce_chunk(deltas, messages, n, returns) -> RoundSums:
+    """Weighted sums over a chunk's clients that returned."""
+    weights = jnp.where(returns, 1.0 if uniform else n.astype(jnp.float32), 0.0)
+    # where(): a slot that returns nothing never reaches the sums, even if its unmasked steps
+    # made it non-finite (buckets with equal step counts do not mask steps).
+    mask = lambda a: jnp.where(returns.reshape(-1, *([1] * (a.ndim - 1))), a, 0.0)
+    wsum = lambda tree: jax.tree.map(lambda a: jnp.tensordot(weights, mask(a), axes=1), tree)
+    sq = sum(jnp.sum(mask(a).reshape(a.shape[0], -1) ** 2, axis=1) for a in jax.tree.leaves(deltas))
+    norms = jnp.sqrt(sq)
+    return RoundSums(wsum(deltas), wsum(messages), jnp.sum(weights), jnp.sum(weights * sq),
+                     jnp.sum(norms), jnp.max(norms), jnp.sum(returns.astype(jnp.float32)))
+
+  def gather_states(client_states, ids):
+    return jax.tree.map(lambda a: a[ids], client_states)
+
+  def scatter_states(client_states, ids, returns, new_states):
+    """Writes the returning clients' new states back by global id (others are dropped)."""
+    if client_states is None:
+      return None
+    idx = jnp.where(returns, ids, num_clients)
+    return jax.tree.map(lambda a, v: a.at[idx].set(v.astype(a.dtype), mode="drop"),
+                        client_states, new_states)
+
+  def train_chunk(d: DeviceData, state: ServerState, hp, r, job, client_states, returns, shape):
+    """One chunk of clients trained in one program: ``(RoundSums, new client states)``."""
+    bound = jnp.max(job.num_steps)
+
+    def one(job_k, state_k):
+      context = client_context(state, r, hp, state_k)
+      new_params = client_lib.local_train(model, algo, shape, state.params, d.x, d.y, job_k,
+                                          context, bound, plan.unroll)
+      return client_end(d, state.params, context, new_params, job_k, state_k, shape)
+
+    deltas, messages, new_states = _over_chunk(one)(job, client_states)
+    return reduce_chunk(deltas, messages, job.num_examples, returns), new_states
+
+  def server_update(state: ServerState, sums: RoundSums, hp, r):
+    """Means over the returning clients → the algorithm's server rule → the server optimizer."""
+    total = jnp.maximum(sums.weight, 1e-30)
+    mean = lambda tree: jax.tree.map(lambda a: a / total, tree)
+    mean_delta = mean(sums.delta)
+    drift = jnp.maximum(
+        sums.sq_norm / total - sum(jnp.sum(a * a) for a in jax.tree.leaves(mean_delta)), 0.0)
+    summary = RoundSummary(mean_delta, mean(sums.message), sums.count, num_clients, drift, r)
+    if hooks.server_update is None:
+      delta, extra = mean_delta, state.extra
+    else:
+      delta, extra = hooks.server_update(summary, hp, state.extra)
+    pseudo_grad = jax.tree.map(lambda g, p: (-g).astype(p.dtype), delta, state.params)
+    updates, opt_state = algo.server_optimizer.update(pseudo_grad, state.opt_state, state.params)
+    new = (optax.apply_updates(state.params, updates), opt_state, extra)
+    # A round in which no client returned leaves the server where it was.
+    params, opt_state, extra = jax.tree.map(lambda a, b: jnp.where(sums.count > 0, a, b), new,
+                                            (state.params, state.opt_state, state.extra))
+    stats = {"drift": drift, "update_norm_mean": sums.norm_sum / jnp.maximum(sums.count, 1.0),
+             "update_norm_max": sums.norm_max, "participants": sums.count}
+    return ServerState(params, opt_state, extra, state.client_states), stats
+
+  def zero_sums(d: DeviceData, state: ServerState, hp, r) -> RoundSums:
+    """Empty sums; the message sums take the shape of the algorithm's client messages."""
+    z = jnp.float32(0.0)
+    message = None
+    if hooks.client_result is not None:
+      shape = buckets[0].shape
+      def one_message():
+        job = client_lib.ClientJob(jnp.int32(0), jnp.int32(1), jnp.int32(1),
+                                   jnp.zeros((shape.num_epochs, shape.max_examples), jnp.int32))
+        state_k = (None if state.client_states is None
+                   else gather_states(state.client_states, jnp.int32(0)))
+        context = client_context(state, r, hp, state_k)
+        return client_end(d, state.params, context, state.params, job, state_k, shape)[1]
+      message = zeros_of(one_message)()
+    return RoundSums(jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), state.params),
+                     message, z, z, z, z, z)
+
+  def device_round(d: DeviceData, state: ServerState, hp, r):
+    plan_r = round_plan(state, r)
+    _, _, client_key, h = plan_r
+    total, states = zero_sums(d, state, hp, r), state.client_states
     for b, bucket in enumerate(buckets):
-      ids, present = bucket_slots(cohort, d.bucket_of, b, bucket)
+      ids, returns, straggler, u = slots(d, plan_r, b, bucket)
       # Dense buckets draw every slot's shuffle at once (a shuffle loop per small chunk is
       # dominated by loop overhead); sparse ones per chunk, so that skipped chunks draw nothing.
-      chunks = ((*bucket_inputs(d, ids, present, client_key, bucket.shape), present)
-                if bucket.dense else (ids, present))
+      jobs = (client_jobs(d, ids, returns, straggler, u, client_key, h, bucket.shape)
+              if bucket.dense else None)
 
-      def one_chunk(acc, chunk, bucket=bucket):
+      def one_chunk(carry, chunk, bucket=bucket):
+        total, states = carry
+        ids_c, returns_c, straggler_c, u_c, job_c = chunk
         def update():
-          inputs = chunk if bucket.dense else (
-              *bucket_inputs(d, *chunk, client_key, bucket.shape), chunk[1])
-          return chunk_update(d, state.params, *inputs, bucket.shape)
-        out = lax.cond(jnp.any(chunk[-1]), update,
-                       lambda: (zeros_like_f32(state.params), jnp.float32(0.0)))
-        return jax.tree.map(jnp.add, acc, out), None
+          job = job_c if bucket.dense else client_jobs(d, ids_c, returns_c, straggler_c, u_c,
+                                                      client_key, h, bucket.shape)
+          chunk_states = None if states is None else gather_states(states, ids_c)
+          return train_chunk(d, state, hp, r, job, chunk_states, returns_c, bucket.shape)
+        sums, new_states = lax.cond(jnp.any(returns_c), update, zeros_of(update))
+        total = total.combine(sums)
+        return (total, scatter_states(states, ids_c, returns_c, new_states)), None
 
+      chunks = (ids, returns, straggler, u, jobs)
       if bucket.num_chunks == 1:
-        total, _ = one_chunk(total, jax.tree.map(lambda a: a[0], chunks))
+        (total, states), _ = one_chunk((total, states), jax.tree.map(lambda a: a[0], chunks))
       else:
-        total, _ = lax.scan(one_chunk, total, chunks)
-    return server_update(state, *total)
+        (total, states), _ = lax.scan(one_chunk, (total, states), chunks)
+    return server_update(state._replace(client_states=states), total, hp, r)
 
-  def metrics_or_nan(params, eval_data, do_eval):
-    shapes = jax.eval_shape(evaluate, params, eval_data)
+  def evaluated_metrics(params, d, eval_data, do_eval):
+    def compute():
+      metrics = dict(evaluate(params, eval_data))
+      if population_metrics is not None:
+        metrics.update(population_metrics(params, d, groups))
+      return metrics
+    shapes = jax.eval_shape(compute)
     nan = lambda: jax.tree.map(lambda s: jnp.full(s.shape, jnp.nan, s.dtype), shapes)
-    return lax.cond(do_eval, lambda: evaluate(params, eval_data), nan)
+    return lax.cond(do_eval, compute, nan)
 
   def finite(params):
     return jnp.all(jnp.array([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)]))
 
   def init_state(params):
-    return ServerState(params, algo.server_optimizer.init(params))
+    extra = None if hooks.init_server_extra is None else hooks.init_server_extra(params)
+    states = None
+    if hooks.init_client_state is not None:
+      states = jax.tree.map(lambda a: jnp.repeat(a[None], num_clients, axis=0),
+                            hooks.init_client_state(params))
+    return ServerState(params, algo.server_optimizer.init(params), extra, states)
+
+  no_stats = {k: jnp.float32(0.0) for k in ROUND_STATS}
 
   if plan.name != "host_loop":
-    def block(state, d, eval_data, rounds, active, do_eval):
+    def block(state, d, eval_data, hp, rounds, active, do_eval):
       def body(state, xs):
         r, act, ev = xs
-        state = lax.cond(act, lambda s: device_round(d, s, r), lambda s: s, state)
-        metrics = metrics_or_nan(state.params, eval_data, act & ev)
-        metrics["finite"] = finite(state.params)
+        state, stats = lax.cond(act, lambda s: device_round(d, s, hp, r),
+                                lambda s: (s, no_stats), state)
+        metrics = evaluated_metrics(state.params, d, eval_data, act & ev)
+        metrics.update(stats, finite=finite(state.params))
         return state, metrics
       return lax.scan(body, state, (rounds, active, do_eval))
 
     block_j = jax.jit(block, donate_argnums=0)
     def run_block(state, rounds, active, do_eval):
-      return block_j(state, data, eval_data, rounds, active, do_eval)
+      return block_j(state, data, eval_data, hparams, rounds, active, do_eval)
     run_block.compiled = block_j  # for inspection (compile counts, memory analysis)
     return Engine(run_block, init_state, buckets, groups, plan)
 
   # host_loop: the same pieces, with Python driving rounds, chunks and local steps. One compiled
   # call per local step is what XLA:CPU runs convolutions fastest with (see Plan).
-  sample_j = jax.jit(lambda r: (sample_cohort(round_keys(r)[0], num_clients, cohort_size),
-                                round_keys(r)[1]))
-  def slots_and_inputs(d, cohort, client_key, b, bucket):
-    ids, present = bucket_slots(cohort, d.bucket_of, b, bucket)
-    return present, bucket_inputs(d, ids, present, client_key, bucket.shape)
-  bucket_j = jax.jit(slots_and_inputs, static_argnums=(3, 4))
-  start_j = jax.jit(lambda params, n: _over_chunk(
-      lambda _: (params, algo.client_optimizer.init(params)))(n))
-  step_j = jax.jit(lambda shape, d, carry, t, offs, n, orders: _over_chunk(
-      lambda c, o, n_k, order: client_lib.local_step(model, algo, shape, d.x, d.y, c, t, o,
-                                                     n_k, order))(carry, offs, n, orders),
-                   static_argnums=(0,))
-  accumulate_j = jax.jit(lambda total, params, client_params, n, present: jax.tree.map(
-      jnp.add, total, chunk_reduce(params, client_params, n, present)), donate_argnums=0)
+  plan_j = jax.jit(round_plan)
+
+  def bucket_inputs(d, plan_r, b, bucket):
+    ids, returns, straggler, u = slots(d, plan_r, b, bucket)
+    return ids, returns, client_jobs(d, ids, returns, straggler, u, plan_r[2], plan_r[3],
+                                     bucket.shape)
+  bucket_j = jax.jit(bucket_inputs, static_argnums=(2, 3))
+
+  def start(state, hp, r, ids):
+    chunk_states = None if state.client_states is None else gather_states(state.client_states, ids)
+    contexts = _over_chunk(lambda _, s: client_context(state, r, hp, s))(ids, chunk_states)
+    carry = _over_chunk(lambda _: (state.params, algo.client_optimizer.init(state.params)))(ids)
+    return carry, contexts, chunk_states
+  start_j = jax.jit(start)
+
+  def step(shape, d, carry, t, job, contexts):
+    return _over_chunk(lambda c, job_k, ctx: client_lib.local_step(
+        model, algo, shape, d.x, d.y, c, t, job_k, ctx))(carry, job, contexts)
+  step_j = jax.jit(step, static_argnums=(0,))
+
+  def finish(total, states, shape, d, params, carry, job, contexts, chunk_states, ids, returns):
+    deltas, messages, new_states = _over_chunk(lambda w, job_k, ctx, s: client_end(
+        d, params, ctx, w, job_k, s, shape))(carry[0], job, contexts, chunk_states)
+    sums = reduce_chunk(deltas, messages, job.num_examples, returns)
+    return total.combine(sums), scatter_states(states, ids, returns, new_states)
+  finish_j = jax.jit(finish, static_argnums=(2,), donate_argnums=(0, 1))
+  zero_sums_j = jax.jit(zero_sums)
   server_j = jax.jit(server_update)
-  eval_j = jax.jit(lambda p, e, ev: dict(metrics_or_nan(p, e, ev), finite=finite(p)))
+  eval_j = jax.jit(lambda p, d, e, ev: dict(evaluated_metrics(p, d, e, ev), finite=finite(p)))
 
   def run_block_host(state, rounds, active, do_eval):
     rows = []
     for r, act, ev in zip(np.asarray(rounds), np.asarray(active), np.asarray(do_eval)):
+      stats = no_stats
       if act:
-        cohort, client_key = sample_j(r)
-        total = (zeros_like_f32(state.params), jnp.float32(0.0))
+        plan_r = plan_j(state, r)
+        total, states = zero_sums_j(data, state, hparams, r), state.client_states
         for b, bucket in enumerate(buckets):
-          present, inputs = bucket_j(data, cohort, client_key, b, bucket)
-          present = np.asarray(present)
+          ids, returns, jobs = bucket_j(data, plan_r, b, bucket)
+          returns_np, steps_np = np.asarray(returns), np.asarray(jobs.num_steps)
           for c in range(bucket.num_chunks):
-            if present[c].any():
-              offs, n, orders = (a[c] for a in inputs)
-              carry = start_j(state.params, n)
-              for t in range(bucket.shape.num_steps):
-                carry = step_j(bucket.shape, data, carry, t, offs, n, orders)
-              total = accumulate_j(total, state.params, carry[0], n, present[c])
-        state = server_j(state, *total)
-      rows.append(eval_j(state.params, eval_data, bool(act and ev)))
+            if not returns_np[c].any():
+              continue
+            job = jax.tree.map(lambda a: a[c], jobs)
+            carry, contexts, chunk_states = start_j(state._replace(client_states=states),
+                                                    hparams, r, ids[c])
+            for t in range(int(steps_np[c].max())):
+              carry = step_j(bucket.shape, data, carry, t, job, contexts)
+            total, states = finish_j(total, states, bucket.shape, data, state.params, carry, job,
+                                     contexts, chunk_states, ids[c], returns[c])
+        state, stats = server_j(state._replace(client_states=states), total, hparams, r)
+      rows.append(dict(eval_j(state.params, data, eval_data, bool(act and ev)), **stats))
     return state, jax.tree.map(lambda *xs: jnp.stack(xs), *rows)
 
   return Engine(run_block_host, init_state, buckets, groups, plan)

@@ -1,12 +1,104 @@
-"""The algorithm record the engine runs, and the checks shared by every algorithm factory."""
+"""The algorithm record the engine runs, its hooks, and the checks shared by every factory.
+
+An :class:`Algorithm` is FedAvg's round (client SGD from the global model, weighted mean of the
+client deltas, an optax server step) plus a few optional :class:`Hooks`, pure functions that say
+how a variant departs from it. The engine calls the hooks inside the compiled, vmapped round; a
+variant is one small module that builds them (``fedprox.py``, ``scaffold.py``, ``fednova.py``, ...).
+"""
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, Callable, NamedTuple
 
+import jax
 import optax
 
 WEIGHTINGS = ("num_examples", "uniform")
+Params = Any
+
+
+class ClientContext(NamedTuple):
+  """What one client sees during its local training (all leaves are traced arrays).
+
+  Attributes:
+    global_params: the server model the client started from (``x`` in SCAFFOLD, ``w^t`` in FedProx).
+    round: the 1-based round number.
+    hparams: the algorithm's numeric hyperparameters (:attr:`Algorithm.hparams`), passed to the
+      compiled round as data so that a sweep can batch several values in one program.
+    extra: ``Hooks.client_extra(server_extra, client_state)``, e.g. SCAFFOLD's ``c − c_i``.
+  """
+  global_params: Params
+  round: jax.Array
+  hparams: dict
+  extra: Any = None
+
+
+class ClientOutput(NamedTuple):
+  """One client's round, as :attr:`Hooks.client_result` sees it.
+
+  Attributes:
+    context: the client's :class:`ClientContext`.
+    params: its params after local training (``y_i`` in SCAFFOLD).
+    num_steps: ``τ_k``, local steps it actually took (int32 scalar).
+    num_examples: ``n_k``.
+    client_state: its persistent state before the round (``c_i``), or ``None``.
+    full_gradient: ``fn(params) -> ∇F_k(params)``, the gradient of the client's mean loss over all
+      its examples; only traced if a hook calls it.
+  """
+  context: ClientContext
+  params: Params
+  num_steps: jax.Array
+  num_examples: jax.Array
+  client_state: Any
+  full_gradient: Callable[[Params], Params]
+
+
+class RoundSummary(NamedTuple):
+  """The cohort's reduced results, as :attr:`Hooks.server_update` sees them.
+
+  Attributes:
+    mean_delta: ``Σ_k w_k (θ_k − θ) / Σ_k w_k`` over the clients that returned (f32).
+    mean_message: the same weighted mean of each client's ``client_result`` message (or ``None``).
+    participants: number of clients that returned an update this round (float32).
+    num_clients: population size ``N``.
+    drift: ``Σ_k p_k ‖θ_k − θ̄‖²`` with ``p_k = w_k / Σ w``, the cohort's spread around its mean.
+    round: the 1-based round number.
+  """
+  mean_delta: Params
+  mean_message: Any
+  participants: jax.Array
+  num_clients: int
+  drift: jax.Array
+  round: jax.Array
+
+
+class Hooks(NamedTuple):
+  """How an algorithm departs from FedAvg. Every field left ``None`` keeps FedAvg's behaviour.
+
+  Attributes:
+    gradient: ``fn(grads, params, context) -> grads``, applied to every mini-batch gradient before
+      the client optimizer (FedProx's ``+ μ (w − w^t)``, SCAFFOLD's ``− c_i + c``).
+    update_scale: ``fn(round) -> scalar`` multiplying every local update (per-round client
+      learning-rate schedules).
+    init_client_state: ``fn(params) -> state`` of one client; the engine keeps one per population
+      client (``[num_clients, ...]`` on device), scattered back by client id after each round.
+    init_server_extra: ``fn(params) -> extra``, algorithm state kept next to the server optimizer's.
+    client_extra: ``fn(server_extra, client_state) -> extra`` put in each client's context.
+    client_result: ``fn(ClientOutput) -> (message, new_client_state)``; the message is averaged with
+      the server weights into :attr:`RoundSummary.mean_message`.
+    server_update: ``fn(RoundSummary, hparams, server_extra) -> (delta, new_server_extra)``; the
+      server optimizer then steps on the pseudo-gradient ``−delta`` (default: ``mean_delta``).
+    round_steps: ``fn(server_extra, round) -> H`` local steps this round (``≤ local_steps``, which
+      is the static bound); for Local-SGD schedules.
+  """
+  gradient: Callable | None = None
+  update_scale: Callable | None = None
+  init_client_state: Callable | None = None
+  init_server_extra: Callable | None = None
+  client_extra: Callable | None = None
+  client_result: Callable | None = None
+  server_update: Callable | None = None
+  round_steps: Callable | None = None
 
 
 class Algorithm(NamedTuple):
@@ -22,9 +114,11 @@ class Algorithm(NamedTuple):
     local_epochs: ``E``, passes over the client's data per round (ignored when ``local_steps`` is set).
     batch_size: ``B``, examples per local step; ``None`` means the client's whole dataset.
     local_steps: ``H``, a fixed number of local steps per round (datacenter Local SGD), or ``None``
-      for ``E · ⌈n_k / B⌉`` steps.
+      for ``E · ⌈n_k / B⌉`` steps. With ``hooks.round_steps`` it is the largest ``H`` a round may use.
     shuffle: reshuffle each client's examples every epoch; ``False`` keeps them in order.
     weighting: ``"num_examples"`` (weights ``n_k``) or ``"uniform"`` for the server average.
+    hooks: how the algorithm departs from FedAvg (see :class:`Hooks`).
+    hparams: numeric hyperparameters the hooks read from ``context.hparams`` (e.g. ``{"mu": 0.1}``).
   """
   name: str
   client_optimizer: optax.GradientTransformation
@@ -34,6 +128,8 @@ class Algorithm(NamedTuple):
   local_steps: int | None = None
   shuffle: bool = True
   weighting: str = "num_examples"
+  hooks: Hooks = Hooks()
+  hparams: dict = {}
 
 
 def check_optimizer(name: str, opt):
@@ -46,3 +142,11 @@ def check_weighting(weighting: str) -> str:
   if weighting not in WEIGHTINGS:
     raise ValueError(f"weighting must be one of {', '.join(WEIGHTINGS)}, got {weighting!r}")
   return weighting
+
+
+def learning_rate(name: str, value):
+  """A positive float, or an optax schedule (any callable of the step count)."""
+  if callable(value):
+    return value
+  from fedjax_sim._checks import positive_float
+  return positive_float(name, value)

@@ -392,7 +392,11 @@ def build_engine(model, algo: Algorithm, train, plan: Plan, cohort_size: int, tr
         (total, states), _ = one_chunk((total, states), jax.tree.map(lambda a: a[0], chunks))
       else:
         (total, states), _ = lax.scan(one_chunk, (total, states), chunks)
-    return server_update(state._replace(client_states=states), total, hp, r)
+    state, stats = server_update(state._replace(client_states=states), total, hp, r)
+    return state, dict(stats, **round_steps_stat(h))
+
+  def round_steps_stat(h):
+    return {} if hooks.round_steps is None else {"local_steps": h.astype(jnp.float32)}
 
   def evaluated_metrics(params, d, eval_data, do_eval):
     def compute():
@@ -415,7 +419,8 @@ def build_engine(model, algo: Algorithm, train, plan: Plan, cohort_size: int, tr
                             hooks.init_client_state(params))
     return ServerState(params, algo.server_optimizer.init(params), extra, states)
 
-  no_stats = {k: jnp.float32(0.0) for k in ROUND_STATS}
+  no_stats = {k: jnp.float32(0.0) for k in ROUND_STATS + ("local_steps",) * (
+      hooks.round_steps is not None)}
 
   if plan.name != "host_loop":
     def block(state, d, eval_data, hp, rounds, active, do_eval):
@@ -487,6 +492,7 @@ def build_engine(model, algo: Algorithm, train, plan: Plan, cohort_size: int, tr
             total, states = finish_j(total, states, bucket.shape, data, state.params, carry, job,
                                      contexts, chunk_states, ids[c], returns[c])
         state, stats = server_j(state._replace(client_states=states), total, hparams, r)
+        stats = dict(stats, **round_steps_stat(plan_r[3]))
       rows.append(dict(eval_j(state.params, data, eval_data, bool(act and ev)), **stats))
     return state, jax.tree.map(lambda *xs: jnp.stack(xs), *rows)
 

@@ -1,15 +1,32 @@
-"""Federated algorithms: each factory returns an :class:`Algorithm` record for the engine."""
+"""Federated algorithms: each factory returns an :class:`Algorithm` record for the engine.
+
+One module per algorithm; each cites its paper and states its update rule.
+"""
 
 from fedjax_sim.algorithms._base import (Algorithm, ClientContext, ClientOutput, Hooks,
                                          RoundSummary)
-from fedjax_sim.algorithms.fedavg import fedavg, fedsgd, local_sgd
+from fedjax_sim.algorithms.fedavg import fedavg, fedsgd
+from fedjax_sim.algorithms.fednova import fednova
+from fedjax_sim.algorithms.fedopt import fedadagrad, fedadam, fedavgm, fedyogi, reddi_adaptive
+from fedjax_sim.algorithms.fedprox import fedprox
+from fedjax_sim.algorithms.local_sgd import local_sgd, local_sgd_adaptive, local_sgd_growing
+from fedjax_sim.algorithms.scaffold import scaffold
 
-# name -> factory; the CLI and `fedjax-sim list` read this.
+# name -> factory; the CLI, `fedjax-sim list` and the contract test read this.
 REGISTRY = {
     "fedavg": fedavg,
     "fedsgd": fedsgd,
+    "fedprox": fedprox,
+    "scaffold": scaffold,
+    "fedavgm": fedavgm,
+    "fedadagrad": fedadagrad,
+    "fedadam": fedadam,
+    "fedyogi": fedyogi,
+    "fednova": fednova,
     "local_sgd": local_sgd,
+    "local_sgd_growing": local_sgd_growing,
+    "local_sgd_adaptive": local_sgd_adaptive,
 }
 
 __all__ = ["Algorithm", "ClientContext", "ClientOutput", "Hooks", "REGISTRY", "RoundSummary",
-           "fedavg", "fedsgd", "local_sgd"]
+           *REGISTRY, "reddi_adaptive"]

@@ -1,4 +1,4 @@
-"""FedAvg, FedSGD and datacenter Local SGD.
+"""FedAvg and FedSGD.
 
 FedAvg (McMahan et al. 2017, "Communication-Efficient Learning of Deep Networks from Decentralized
 Data", arXiv:1602.05629). Each sampled client ``k`` starts from the global weights ``w`` and runs
@@ -6,9 +6,7 @@ Data", arXiv:1602.05629). Each sampled client ``k`` starts from the global weigh
 last one smaller), ``w_k ← w_k − η ∇ℓ(w_k; batch)``; the server sets
 ``w ← Σ_{k∈S} n_k w_k / Σ_{k∈S} n_k`` over the sampled cohort ``S``.
 
-Local SGD (Stich 2019, arXiv:1805.09767; Lin et al. 2020, arXiv:1808.07217): every worker takes a
-fixed number ``H`` of local steps and the server averages uniformly; ``H = 1`` is synchronous
-mini-batch SGD.
+Datacenter Local SGD and its schedules live in :mod:`fedjax_sim.algorithms.local_sgd`.
 """
 
 from __future__ import annotations
@@ -16,17 +14,25 @@ from __future__ import annotations
 import optax
 
 from fedjax_sim._checks import positive_float, positive_int
-from fedjax_sim.algorithms._base import Algorithm, check_optimizer, check_weighting
+from fedjax_sim.algorithms._base import (Algorithm, Hooks, check_optimizer, check_weighting,
+                                         learning_rate)
+
+LR_UNITS = ("step", "round")
 
 
-def fedavg(client_lr: float = 0.1, local_epochs: int = 1, batch_size: int | None = 32,
+def fedavg(client_lr=0.1, local_epochs: int = 1, batch_size: int | None = 32,
            local_steps: int | None = None, shuffle: bool = True, weighting: str = "num_examples",
            client_optimizer: optax.GradientTransformation | None = None,
-           server_optimizer: optax.GradientTransformation | None = None) -> Algorithm:
+           server_optimizer: optax.GradientTransformation | None = None,
+           client_lr_per: str = "step") -> Algorithm:
   """Federated Averaging.
 
   Args:
-    client_lr: ``η``, the client SGD learning rate (ignored when ``client_optimizer`` is given).
+    client_lr: ``η``, the client SGD learning rate (ignored when ``client_optimizer`` is given):
+      a float, or a schedule (any optax schedule / callable of an integer count).
+    client_lr_per: what a schedule's count counts: ``"step"`` (local steps within each round,
+      restarting every round, as optax counts updates of a fresh client optimizer) or ``"round"``
+      (the 0-based round number; warm-up and decay across rounds).
     local_epochs: ``E``.
     batch_size: ``B``; ``None`` is full-batch (one step per epoch).
     local_steps: ``H`` fixed steps per round instead of ``E`` epochs.
@@ -40,8 +46,16 @@ def fedavg(client_lr: float = 0.1, local_epochs: int = 1, batch_size: int | None
   """
   check_optimizer("client_optimizer", client_optimizer)
   check_optimizer("server_optimizer", server_optimizer)
+  if client_lr_per not in LR_UNITS:
+    raise ValueError(f"client_lr_per must be one of {', '.join(LR_UNITS)}, got {client_lr_per!r}")
+  hooks = Hooks()
   if client_optimizer is None:
-    client_optimizer = optax.sgd(positive_float("client_lr", client_lr))
+    client_lr = learning_rate("client_lr", client_lr)
+    if callable(client_lr) and client_lr_per == "round":
+      client_optimizer = optax.sgd(1.0)
+      hooks = Hooks(update_scale=lambda r: client_lr(r - 1))
+    else:
+      client_optimizer = optax.sgd(client_lr)
   return Algorithm(
       name="fedavg",
       client_optimizer=client_optimizer,
@@ -50,7 +64,8 @@ def fedavg(client_lr: float = 0.1, local_epochs: int = 1, batch_size: int | None
       batch_size=positive_int("batch_size", batch_size, allow_none=True),
       local_steps=positive_int("local_steps", local_steps, allow_none=True),
       shuffle=bool(shuffle),
-      weighting=check_weighting(weighting))
+      weighting=check_weighting(weighting),
+      hooks=hooks)
 
 
 def fedsgd(server_lr: float = 0.1, **kwargs) -> Algorithm:
@@ -60,12 +75,3 @@ def fedsgd(server_lr: float = 0.1, **kwargs) -> Algorithm:
   algo = fedavg(client_lr=1.0, local_epochs=1, batch_size=None,
                 server_optimizer=optax.sgd(positive_float("server_lr", server_lr)), **kwargs)
   return algo._replace(name="fedsgd")
-
-
-def local_sgd(client_lr: float = 0.1, local_steps: int = 1, batch_size: int | None = 32,
-              **kwargs) -> Algorithm:
-  """Datacenter Local SGD: ``H = local_steps`` mini-batch steps per round, uniform averaging."""
-  kwargs.setdefault("weighting", "uniform")
-  algo = fedavg(client_lr=client_lr, local_steps=positive_int("local_steps", local_steps),
-                batch_size=batch_size, **kwargs)
-  return algo._replace(name="local_sgd")

@@ -1,0 +1,102 @@
+"""What evaluated rounds measure: loss and accuracy, per-client fairness, gradient dissimilarity.
+
+All functions build pure JAX evaluators that run inside the compiled block of rounds.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from fedjax_sim import client as client_lib
+from fedjax_sim.models import Model, correct_from_outputs, loss_from_outputs
+
+EVAL_BATCH = 4096
+
+
+def dataset_evaluator(model: Model, total: int, prefix: str, unroll: bool = False,
+                      num_clients: int | None = None):
+  """``fn(params, (x, y, client_of_row)) -> metrics`` over ``total`` flat examples.
+
+  Metrics: ``{prefix}_loss`` and ``{prefix}_accuracy``, example-weighted (which equals the mean
+  over the flat example array). For classifiers with ``num_clients``, also the fairness of the
+  global model across clients (Li et al. 2020, "Fair Resource Allocation in Federated Learning",
+  arXiv:1905.10497): the unweighted mean and the 10th / 90th percentiles of the per-client accuracy,
+  ``{prefix}_client_accuracy_mean|p10|p90``.
+  """
+  batch = min(EVAL_BATCH, total)
+  num_batches = -(-total // batch)
+  per_client = model.is_classifier and num_clients is not None
+
+  def evaluate(params, arrays):
+    x, y, client_of_row = arrays
+    def body(acc, i):
+      rows = i * batch + jnp.arange(batch)
+      real = (rows < total).astype(jnp.float32)
+      rows = jnp.minimum(rows, total - 1)
+      out = model.apply(params, x[rows])
+      loss = jnp.sum(loss_from_outputs(model.task, out, y[rows]) * real)
+      if not model.is_classifier:
+        return (acc[0] + loss, acc[1], acc[2]), None
+      correct = correct_from_outputs(model.task, out, y[rows]) * real
+      by_client = (jax.ops.segment_sum(correct, client_of_row[rows], num_segments=num_clients)
+                   if per_client else acc[2])
+      return (acc[0] + loss, acc[1] + jnp.sum(correct), acc[2] + by_client * per_client), None
+    init = (jnp.float32(0), jnp.float32(0), jnp.zeros(num_clients if per_client else (), jnp.float32))
+    (loss, correct, by_client), _ = lax.scan(body, init, jnp.arange(num_batches), unroll=unroll)
+    metrics = {f"{prefix}_loss": loss / total}
+    if model.is_classifier:
+      metrics[f"{prefix}_accuracy"] = correct / total
+    if per_client:
+      counts = jax.ops.segment_sum(jnp.ones(total, jnp.float32), client_of_row[:total],
+                                   num_segments=num_clients)
+      accuracy = by_client / jnp.maximum(counts, 1.0)
+      metrics[f"{prefix}_client_accuracy_mean"] = jnp.mean(accuracy)
+      metrics[f"{prefix}_client_accuracy_p10"] = jnp.percentile(accuracy, 10)
+      metrics[f"{prefix}_client_accuracy_p90"] = jnp.percentile(accuracy, 90)
+    return metrics
+  return evaluate
+
+
+def client_of_row(num_examples: np.ndarray) -> np.ndarray:
+  """``[total]`` int32: the client index of each flat example."""
+  return np.repeat(np.arange(len(num_examples), dtype=np.int32), num_examples)
+
+
+def gradient_dissimilarity(model: Model, num_examples: np.ndarray,
+                           max_rows_per_chunk: int = 1 << 16):
+  """``fn(params, device_data, groups) -> {"grad_dissimilarity", "grad_norm_sq"}``.
+
+  The gradient dissimilarity plotted in the FedProx paper (Li et al. 2020, arXiv:1812.06127,
+  Fig. 2 bottom row) over the whole training population at the global model ``w``:
+  ``E_k ‖∇F_k(w) − ∇f(w)‖² = Σ_k p_k ‖∇F_k(w)‖² − ‖∇f(w)‖²`` with ``p_k = n_k / n`` and
+  ``∇f = Σ_k p_k ∇F_k`` (``grad_norm_sq`` is ``‖∇f(w)‖²``). Each client's full gradient is computed
+  over its own rows (:func:`client.full_gradient`), vmapped over chunks of clients of one size
+  group so that memory stays near ``max_rows_per_chunk`` rows. ``num_examples`` are the
+  population's client sizes (host array; they fix the static shapes).
+  """
+  def measure(params, d, groups):
+    total_n = jnp.sum(d.counts).astype(jnp.float32)
+    sum_sq, sum_grad = jnp.float32(0), jax.tree.map(jnp.zeros_like, params)
+    for members in groups:
+      size = int(num_examples[members].max())
+      chunk = max(1, min(len(members), max_rows_per_chunk // max(size, 1)))
+      padded = np.concatenate([members, np.full(-len(members) % chunk, -1)]).reshape(-1, chunk)
+
+      def one_chunk(acc, ids, size=size):
+        real = ids >= 0
+        safe = jnp.maximum(ids, 0)
+        n = jnp.where(real, d.counts[safe], 0)
+        grads = jax.vmap(lambda off, n_k: client_lib.full_gradient(
+            model, d.x, d.y, off, n_k, size, params))(d.offsets[safe], n)
+        p = n.astype(jnp.float32) / total_n
+        sq = sum(jnp.sum(g.reshape(g.shape[0], -1) ** 2, axis=1) for g in jax.tree.leaves(grads))
+        weighted = jax.tree.map(lambda g: jnp.tensordot(p, g, axes=1), grads)
+        return (acc[0] + jnp.sum(p * sq), jax.tree.map(jnp.add, acc[1], weighted)), None
+
+      (sum_sq, sum_grad), _ = lax.scan(one_chunk, (sum_sq, sum_grad), jnp.asarray(padded))
+    mean_sq = sum(jnp.sum(g * g) for g in jax.tree.leaves(sum_grad))
+    return {"grad_dissimilarity": jnp.maximum(sum_sq - mean_sq, 0.0), "grad_norm_sq": mean_sq}
+  return measure

@@ -12,15 +12,16 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from fedjax_sim import metrics as metrics_lib
 from fedjax_sim import round as round_lib
+from fedjax_sim import systems
 from fedjax_sim._checks import positive_int
 from fedjax_sim.algorithms import Algorithm
 from fedjax_sim.data import DataError, FederatedData
-from fedjax_sim.models import Model, correct_from_outputs, loss_from_outputs, num_params
+from fedjax_sim.models import Model, num_params
 
 # Named randomness streams: key(seed) folded with these constants.
 STREAM_INIT, STREAM_TRAIN = 0, 1
-EVAL_BATCH = 4096
 
 
 class TrainingDiverged(RuntimeError):
@@ -39,47 +40,26 @@ class SimulationResult:
 
   Attributes:
     params: the final global params.
-    history: ``round`` (1-based evaluated rounds), ``train_loss`` and, where they apply,
-      ``train_accuracy``, ``test_loss``, ``test_accuracy``, and ``elapsed`` (seconds since start).
+    history: one entry per evaluated round: ``round`` (1-based), ``train_loss`` and, where they
+      apply, ``train_accuracy``, ``test_loss``, ``test_accuracy``, the per-client accuracy spread
+      ``{train,test}_client_accuracy_{mean,p10,p90}``, ``grad_dissimilarity`` and ``grad_norm_sq``
+      (with ``dissimilarity=True``); that round's client drift ``drift`` (``Σ p_k ‖θ_k − θ̄‖²``),
+      ``update_norm_mean``, ``update_norm_max`` and ``participants``; and ``elapsed`` (seconds).
     info: plan, buckets, padding waste, compilations, timings.
+    state: the final server state (:class:`fedjax_sim.round.ServerState`: params, server optimizer
+      state, the algorithm's server and per-client states).
   """
   params: Any
   history: dict
   info: dict = field(default_factory=dict)
-
-
-def dataset_evaluator(model: Model, total: int, prefix: str, unroll: bool = False):
-  """``fn(params, (x, y)) -> {prefix_loss, prefix_accuracy}`` over ``total`` flat examples.
-
-  The example-weighted mean over clients equals the mean over the flat example array.
-  """
-  batch = min(EVAL_BATCH, total)
-  num_batches = -(-total // batch)
-
-  def evaluate(params, xy):
-    x, y = xy
-    def body(acc, i):
-      rows = i * batch + jnp.arange(batch)
-      real = (rows < total).astype(jnp.float32)
-      rows = jnp.minimum(rows, total - 1)
-      out = model.apply(params, x[rows])
-      loss = jnp.sum(loss_from_outputs(model.task, out, y[rows]) * real)
-      correct = (jnp.sum(correct_from_outputs(model.task, out, y[rows]) * real)
-                 if model.is_classifier else jnp.float32(0))
-      return (acc[0] + loss, acc[1] + correct), None
-    (loss, correct), _ = lax.scan(body, (jnp.float32(0), jnp.float32(0)), jnp.arange(num_batches),
-                                  unroll=unroll)
-    metrics = {f"{prefix}_loss": loss / total}
-    if model.is_classifier:
-      metrics[f"{prefix}_accuracy"] = correct / total
-    return metrics
-  return evaluate
+  state: Any = None
 
 
 def _check_labels(model: Model, params, data: FederatedData, name: str) -> None:
   """Fails early, with a clear message, when the data does not fit the model."""
   try:
-    out = jax.eval_shape(model.apply, params, jax.ShapeDtypeStruct((2, *data.feature_shape), jnp.float32))
+    x_dtype = jax.dtypes.canonicalize_dtype(data.x.dtype)  # integer ids stay integers
+    out = jax.eval_shape(model.apply, params, jax.ShapeDtypeStruct((2, *data.feature_shape), x_dtype))
   except Exception as e:  # the user's model and data disagree: say so without a JAX traceback
     raise DataError(f"{name} data with feature shape {data.feature_shape} does not fit model "
                     f"{model.name!r}: {str(e).splitlines()[0]}") from None
@@ -126,9 +106,10 @@ def auto_chunk_size(param_count: int, batch: int) -> int:
 
 
 def choose_plan(plan: str, chunk_size: int | None, model: Model, params, feature_shape,
-                batch: int, backend: str) -> round_lib.Plan:
+                batch: int, backend: str, x_dtype=jnp.float32) -> round_lib.Plan:
   """Resolves ``plan="auto"`` per backend and model size; validates explicit choices."""
-  conv = contains_convolution(model.apply, params, jnp.zeros((1, *feature_shape), jnp.float32))
+  x_dtype = jax.dtypes.canonicalize_dtype(x_dtype)
+  conv = contains_convolution(model.apply, params, jnp.zeros((1, *feature_shape), x_dtype))
   unroll = conv and backend == "cpu"
   if plan == "auto":
     if backend != "cpu":
@@ -200,6 +181,7 @@ def simulate(algorithm: Algorithm, model: Model, train: FederatedData, rounds: i
              seed: int = 0, test: FederatedData | None = None, init_params=None,
              eval_every: int = 1, plan: str = "auto", chunk_size: int | None = None,
              rounds_per_block: int | None = None, bucketing: bool = True,
+             system: systems.Heterogeneity | None = None, dissimilarity: bool = False,
              callback: Callable[[list[dict]], None] | None = None) -> SimulationResult:
   """Simulates ``rounds`` rounds of federated training.
 
@@ -218,6 +200,9 @@ def simulate(algorithm: Algorithm, model: Model, train: FederatedData, rounds: i
     chunk_size: clients per vmap for ``chunked`` / ``host_loop`` (auto when ``None``).
     rounds_per_block: rounds per compiled call (default ``min(rounds, 10)``).
     bucketing: group clients by size so small clients do not pay for the largest one's steps.
+    system: stragglers and dropouts (:class:`fedjax_sim.Heterogeneity`); ``None``: all finish.
+    dissimilarity: also measure the gradient dissimilarity ``E_k‖∇F_k(w) − ∇f(w)‖²`` over the
+      training population at evaluated rounds (one full-gradient pass per evaluation).
     callback: called after each block with the new history rows (dicts), e.g. to log them.
 
   Returns:
@@ -230,6 +215,7 @@ def simulate(algorithm: Algorithm, model: Model, train: FederatedData, rounds: i
   cohort_size, block_len = check_arguments(
       algorithm, model, train, test, rounds, clients_per_round, client_fraction, seed, eval_every,
       plan, chunk_size, rounds_per_block)
+  system = systems.check(system)
   key = jax.random.key(int(seed))
   init_key = jax.random.fold_in(key, STREAM_INIT)
   if init_params is not None:
@@ -244,16 +230,20 @@ def simulate(algorithm: Algorithm, model: Model, train: FederatedData, rounds: i
 
   backend = jax.default_backend()
   batch = algorithm.batch_size or int(train.num_examples.max())
-  chosen = choose_plan(plan, chunk_size, model, params, train.feature_shape, batch, backend)
+  chosen = choose_plan(plan, chunk_size, model, params, train.feature_shape, batch, backend,
+                       train.x.dtype)
   eval_sets = [("train", train)] + ([("test", test)] if test is not None else [])
-  evaluators = [dataset_evaluator(model, d.total_examples, name, chosen.unroll)
-                for name, d in eval_sets]
-  eval_data = [d.device_arrays() for _, d in eval_sets]
+  evaluators = [metrics_lib.dataset_evaluator(model, d.total_examples, name, chosen.unroll,
+                                              d.num_clients) for name, d in eval_sets]
+  eval_data = [(*d.device_arrays(), jnp.asarray(metrics_lib.client_of_row(d.num_examples)))
+               for _, d in eval_sets]
   evaluate = lambda p, arrays: {k: v for ev, xy in zip(evaluators, arrays)
                                 for k, v in ev(p, xy).items()}
   engine = round_lib.build_engine(model, algorithm, train, chosen, cohort_size,
                                   jax.random.fold_in(key, STREAM_TRAIN), evaluate, eval_data,
-                                  bucketing)
+                                  bucketing, system,
+                                  metrics_lib.gradient_dissimilarity(model, train.num_examples)
+                                  if dissimilarity else None)
   info = {
       "plan": chosen.name, "chunk_size": chosen.chunk_size, "unroll": chosen.unroll,
       "backend": backend, "cohort_size": cohort_size, "rounds_per_block": block_len,
@@ -298,4 +288,4 @@ def simulate(algorithm: Algorithm, model: Model, train: FederatedData, rounds: i
   info["block_seconds"] = block_seconds  # the first includes compilation
   cache_size = getattr(getattr(engine.run_block, "compiled", None), "_cache_size", None)
   info["compilations"] = cache_size() if cache_size else None
-  return SimulationResult(state.params, history, info)
+  return SimulationResult(state.params, history, info, state)

@@ -5,9 +5,10 @@ from fedjax_sim.algorithms import Algorithm
 from fedjax_sim.data import DataError, FederatedData
 from fedjax_sim.models import Model
 from fedjax_sim.systems import Heterogeneity
+from fedjax_sim.sweep import simulate_sweep
 from fedjax_sim.simulation import SimulationResult, TrainingDiverged, simulate
 
 __version__ = "0.1.0"
 
 __all__ = ["Algorithm", "DataError", "FederatedData", "Heterogeneity", "Model", "SimulationResult",
-           "TrainingDiverged", "algorithms", "models", "simulate"]
+           "TrainingDiverged", "algorithms", "models", "simulate", "simulate_sweep"]

@@ -18,7 +18,8 @@ EVAL_BATCH = 4096
 
 def dataset_evaluator(model: Model, total: int, prefix: str, unroll: bool = False,
                       num_clients: int | None = None):
-  """``fn(params, (x, y, client_of_row)) -> metrics`` over ``total`` flat examples.
+  """``fn(params, (x, y, client_of_row, count)) -> metrics`` over the first ``count ≤ total`` flat
+  examples (``total`` is the static row count; see :func:`eval_arrays`).
 
   Metrics: ``{prefix}_loss`` and ``{prefix}_accuracy``, example-weighted (which equals the mean
   over the flat example array). For classifiers with ``num_clients``, also the fairness of the
@@ -31,10 +32,10 @@ def dataset_evaluator(model: Model, total: int, prefix: str, unroll: bool = Fals
   per_client = model.is_classifier and num_clients is not None
 
   def evaluate(params, arrays):
-    x, y, client_of_row = arrays
+    x, y, client_of_row, count = arrays
     def body(acc, i):
       rows = i * batch + jnp.arange(batch)
-      real = (rows < total).astype(jnp.float32)
+      real = (rows < count).astype(jnp.float32)
       rows = jnp.minimum(rows, total - 1)
       out = model.apply(params, x[rows])
       loss = jnp.sum(loss_from_outputs(model.task, out, y[rows]) * real)
@@ -46,12 +47,13 @@ def dataset_evaluator(model: Model, total: int, prefix: str, unroll: bool = Fals
       return (acc[0] + loss, acc[1] + jnp.sum(correct), acc[2] + by_client * per_client), None
     init = (jnp.float32(0), jnp.float32(0), jnp.zeros(num_clients if per_client else (), jnp.float32))
     (loss, correct, by_client), _ = lax.scan(body, init, jnp.arange(num_batches), unroll=unroll)
-    metrics = {f"{prefix}_loss": loss / total}
+    count = count.astype(jnp.float32)
+    metrics = {f"{prefix}_loss": loss / count}
     if model.is_classifier:
-      metrics[f"{prefix}_accuracy"] = correct / total
+      metrics[f"{prefix}_accuracy"] = correct / count
     if per_client:
       counts = jax.ops.segment_sum(jnp.ones(total, jnp.float32), client_of_row[:total],
-                                   num_segments=num_clients)
+                                   num_segments=num_clients)  # padding rows have id num_clients
       accuracy = by_client / jnp.maximum(counts, 1.0)
       metrics[f"{prefix}_client_accuracy_mean"] = jnp.mean(accuracy)
       metrics[f"{prefix}_client_accuracy_p10"] = jnp.percentile(accuracy, 10)
@@ -65,30 +67,43 @@ def client_of_row(num_examples: np.ndarray) -> np.ndarray:
   return np.repeat(np.arange(len(num_examples), dtype=np.int32), num_examples)
 
 
-def gradient_dissimilarity(model: Model, num_examples: np.ndarray,
-                           max_rows_per_chunk: int = 1 << 16):
-  """``fn(params, device_data, groups) -> {"grad_dissimilarity", "grad_norm_sq"}``.
+def eval_arrays(data, rows: int | None = None):
+  """``(x, y, client_of_row, count)`` of a dataset for :func:`dataset_evaluator`, zero-padded to
+  ``rows`` examples (padding rows belong to no client and are not counted)."""
+  rows = data.total_examples if rows is None else rows
+  pad = rows - data.total_examples
+  padded = lambda a, fill=0: np.concatenate([a, np.full((pad, *a.shape[1:]), fill, a.dtype)])
+  if pad == 0:
+    x, y = data.device_arrays()
+  else:
+    x, y = jnp.asarray(padded(data.x)), jnp.asarray(padded(data.y))
+  owner = padded(client_of_row(data.num_examples), data.num_clients)
+  return x, y, jnp.asarray(owner), jnp.int32(data.total_examples)
+
+
+def gradient_dissimilarity(model: Model, max_rows_per_chunk: int = 1 << 16):
+  """``fn(params, device_data, buckets) -> {"grad_dissimilarity", "grad_norm_sq"}``.
 
   The gradient dissimilarity plotted in the FedProx paper (Li et al. 2020, arXiv:1812.06127,
   Fig. 2 bottom row) over the whole training population at the global model ``w``:
   ``E_k ‖∇F_k(w) − ∇f(w)‖² = Σ_k p_k ‖∇F_k(w)‖² − ‖∇f(w)‖²`` with ``p_k = n_k / n`` and
   ``∇f = Σ_k p_k ∇F_k`` (``grad_norm_sq`` is ``‖∇f(w)‖²``). Each client's full gradient is computed
-  over its own rows (:func:`client.full_gradient`), vmapped over chunks of clients of one size
-  group so that memory stays near ``max_rows_per_chunk`` rows. ``num_examples`` are the
-  population's client sizes (host array; they fix the static shapes).
+  over its own rows (:func:`client.full_gradient`), vmapped over chunks of the clients of one size
+  bucket (found from ``device_data.bucket_of``) so that memory stays near ``max_rows_per_chunk``
+  rows.
   """
-  def measure(params, d, groups):
+  def measure(params, d, buckets):
     total_n = jnp.sum(d.counts).astype(jnp.float32)
     sum_sq, sum_grad = jnp.float32(0), jax.tree.map(jnp.zeros_like, params)
-    for members in groups:
-      size = int(num_examples[members].max())
-      chunk = max(1, min(len(members), max_rows_per_chunk // max(size, 1)))
-      padded = np.concatenate([members, np.full(-len(members) % chunk, -1)]).reshape(-1, chunk)
+    for b, bucket in enumerate(buckets):
+      size = bucket.shape.max_examples
+      chunk = max(1, min(bucket.members, max_rows_per_chunk // size))
+      slots = -(-bucket.members // chunk) * chunk
+      ids = jnp.nonzero(d.bucket_of == b, size=slots, fill_value=-1)[0].reshape(-1, chunk)
 
       def one_chunk(acc, ids, size=size):
-        real = ids >= 0
         safe = jnp.maximum(ids, 0)
-        n = jnp.where(real, d.counts[safe], 0)
+        n = jnp.where(ids >= 0, d.counts[safe], 0)
         grads = jax.vmap(lambda off, n_k: client_lib.full_gradient(
             model, d.x, d.y, off, n_k, size, params))(d.offsets[safe], n)
         p = n.astype(jnp.float32) / total_n
@@ -96,7 +111,7 @@ def gradient_dissimilarity(model: Model, num_examples: np.ndarray,
         weighted = jax.tree.map(lambda g: jnp.tensordot(p, g, axes=1), grads)
         return (acc[0] + jnp.sum(p * sq), jax.tree.map(jnp.add, acc[1], weighted)), None
 
-      (sum_sq, sum_grad), _ = lax.scan(one_chunk, (sum_sq, sum_grad), jnp.asarray(padded))
+      (sum_sq, sum_grad), _ = lax.scan(one_chunk, (sum_sq, sum_grad), ids)
     mean_sq = sum(jnp.sum(g * g) for g in jax.tree.leaves(sum_grad))
     return {"grad_dissimilarity": jnp.maximum(sum_sq - mean_sq, 0.0), "grad_norm_sq": mean_sq}
   return measure

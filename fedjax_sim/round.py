@@ -130,22 +130,34 @@ def padding_waste(num_examples: np.ndarray, groups: list[np.ndarray], algo: Algo
 def make_buckets(num_examples: np.ndarray, algo: Algorithm, cohort_size: int,
                  chunk_size: int | None, bucketing: bool = True,
                  variable_steps: bool = False) -> tuple[list[Bucket], np.ndarray, list]:
-  """Builds the buckets; returns ``(buckets, bucket_of_client, groups)``."""
-  groups = size_buckets(num_examples) if bucketing else [np.arange(len(num_examples))]
-  bucket_of = np.zeros(len(num_examples), np.int32)
-  buckets = []
+  """Builds the buckets; returns ``(buckets, bucket_of_client, groups)``.
+
+  ``num_examples`` is ``[num_clients]``, or ``[runs, num_clients]`` for a sweep: then the buckets
+  are shared by every run (shapes fit the union of the runs' clients) and ``bucket_of_client`` is
+  ``[runs, num_clients]``; ``groups`` index the flattened sizes.
+  """
+  sizes = np.atleast_2d(num_examples)
+  num_clients = sizes.shape[1]
+  flat = sizes.reshape(-1)
+  groups = size_buckets(flat) if bucketing else [np.arange(flat.size)]
+  bucket_of = np.zeros(flat.size, np.int32)
   for b, g in enumerate(groups):
     bucket_of[g] = b
-    capacity = min(cohort_size, len(g))
+  bucket_of = bucket_of.reshape(sizes.shape)
+  buckets = []
+  for b, g in enumerate(groups):
+    members = int((bucket_of == b).sum(axis=1).max())  # the most any one run has
+    capacity = min(cohort_size, members)
     # A round samples about `expected` members of this bucket, rarely all `capacity` of them:
     # chunks no larger than the expected count (next power of two) let lax.cond skip the rest.
-    expected = cohort_size * len(g) / len(num_examples)
+    expected = cohort_size * members / num_clients
     chunk = min(capacity, 1 << max(0, math.ceil(math.log2(max(expected, 1.0)))))
     if chunk_size is not None:
       chunk = max(1, min(chunk_size, chunk))
-    buckets.append(Bucket(client_lib.bucket_shape(num_examples[g], algo, variable_steps), capacity,
-                          chunk, len(g),
-                          dense=capacity <= 2 * expected))
+    buckets.append(Bucket(client_lib.bucket_shape(flat[g], algo, variable_steps), capacity,
+                          chunk, members, dense=capacity <= 2 * expected))
+  if np.ndim(num_examples) == 1:
+    bucket_of = bucket_of[0]
   return buckets, bucket_of, groups
 
 
@@ -207,42 +219,67 @@ class Engine(NamedTuple):
 ROUND_STATS = ("drift", "update_norm_mean", "update_norm_max", "participants")
 
 
+def device_data(trains, bucket_of: np.ndarray) -> DeviceData:
+  """The population(s) on device; several runs' datasets are zero-padded to one row count and
+  stacked on a leading run axis."""
+  if not isinstance(trains, (list, tuple)):
+    return DeviceData(*trains.device_arrays(), jnp.asarray(trains.offsets, jnp.int32),
+                      jnp.asarray(trains.num_examples, jnp.int32), jnp.asarray(bucket_of))
+  rows = max(t.total_examples for t in trains)
+  pad = lambda a: np.concatenate([a, np.zeros((rows - len(a), *a.shape[1:]), a.dtype)])
+  stack = lambda arrays, dtype=None: jnp.asarray(np.stack(arrays), dtype)
+  return DeviceData(stack([pad(t.x) for t in trains]), stack([pad(t.y) for t in trains]),
+                    stack([t.offsets for t in trains], jnp.int32),
+                    stack([t.num_examples for t in trains], jnp.int32), jnp.asarray(bucket_of))
+
+
 def build_engine(model, algo: Algorithm, train, plan: Plan, cohort_size: int, train_key: jax.Array,
                  evaluate: Callable[[Any, Any], dict], eval_data: Any, bucketing: bool = True,
                  system: systems.Heterogeneity | None = None,
-                 population_metrics: Callable | None = None) -> Engine:
-  """Compiles the round for one (model, algorithm, dataset, plan).
+                 population_metrics: Callable | None = None, hparams: dict | None = None) -> Engine:
+  """Compiles the round for one (model, algorithm, dataset, plan), or for a sweep of runs.
+
+  A sweep (``train`` a list of datasets with the same number of clients; ``train_key``,
+  ``eval_data``, ``hparams`` and the state stacked on a leading run axis) runs every run in the
+  same compiled program, vmapped over runs: the runs advance in lockstep, and a round costs about
+  as much as the slowest run's round rather than the sum of all of them.
 
   Args:
     model: the model.
     algo: the algorithm.
-    train: the training :class:`~fedjax_sim.data.FederatedData`.
+    train: the training :class:`~fedjax_sim.data.FederatedData` (a list for a sweep).
     plan: the execution :class:`Plan`.
     cohort_size: clients per round.
-    train_key: the training randomness stream.
+    train_key: the training randomness stream (``[runs]`` keys for a sweep).
     evaluate: ``fn(params, eval_data) -> {name: scalar}``, the metrics of evaluated rounds.
     eval_data: the arrays ``evaluate`` reads (passed to the compiled block as an argument).
     bucketing: group clients by size (``False``: one bucket padded to the largest client).
     system: stragglers and dropouts (:class:`~fedjax_sim.systems.Heterogeneity`).
-    population_metrics: ``fn(params, device_data, groups) -> {name: scalar}``, more metrics of
+    population_metrics: ``fn(params, device_data, buckets) -> {name: scalar}``, more metrics of
       evaluated rounds that read the training population (e.g. gradient dissimilarity).
+    hparams: the algorithm's hyperparameters (default ``algo.hparams``; ``[runs]`` arrays for a
+      sweep).
   """
-  num_clients = train.num_clients
+  sweep = isinstance(train, (list, tuple))
+  num_clients = train[0].num_clients if sweep else train.num_clients
+  if sweep and plan.name == "host_loop":
+    raise ValueError("a sweep runs inside one compiled program; plan 'host_loop' cannot run it")
   hooks = algo.hooks
   system = systems.check(system)
-  buckets, bucket_of, groups = make_buckets(train.num_examples, algo, cohort_size, plan.chunk_size,
+  sizes = np.stack([t.num_examples for t in train]) if sweep else train.num_examples
+  buckets, bucket_of, groups = make_buckets(sizes, algo, cohort_size, plan.chunk_size,
                                             bucketing, variable_steps=system.partial)
-  data = DeviceData(*train.device_arrays(), jnp.asarray(train.offsets, jnp.int32),
-                    jnp.asarray(train.num_examples, jnp.int32), jnp.asarray(bucket_of))
-  hparams = {k: jnp.asarray(v, jnp.float32) for k, v in algo.hparams.items()}
+  data = device_data(train, bucket_of)
+  hparams = {k: jnp.asarray(v, jnp.float32)
+             for k, v in (algo.hparams if hparams is None else hparams).items()}
   uniform = algo.weighting == "uniform"
   f32 = lambda tree: jax.tree.map(lambda a: a.astype(jnp.float32), tree)
   zeros_of = lambda fn, *args: (lambda: jax.tree.map(
       lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(fn, *args)))
 
-  def round_plan(state: ServerState, r):
+  def round_plan(key, state: ServerState, r):
     """This round's cohort, per-position conditions, client key and Local-SGD ``H``."""
-    sample_key, client_key, system_key = jax.random.split(jax.random.fold_in(train_key, r), 3)
+    sample_key, client_key, system_key = jax.random.split(jax.random.fold_in(key, r), 3)
     cohort = sample_cohort(sample_key, num_clients, cohort_size)
     conditions = systems.cohort_conditions(system_key, cohort_size, system)
     h = (jnp.int32(0) if hooks.round_steps is None
@@ -364,8 +401,8 @@ def build_engine(model, algo: Algorithm, train, plan: Plan, cohort_size: int, tr
     return RoundSums(jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), state.params),
                      message, z, z, z, z, z)
 
-  def device_round(d: DeviceData, state: ServerState, hp, r):
-    plan_r = round_plan(state, r)
+  def device_round(d: DeviceData, key, state: ServerState, hp, r):
+    plan_r = round_plan(key, state, r)
     _, _, client_key, h = plan_r
     total, states = zero_sums(d, state, hp, r), state.client_states
     for b, bucket in enumerate(buckets):
@@ -402,7 +439,7 @@ def build_engine(model, algo: Algorithm, train, plan: Plan, cohort_size: int, tr
     def compute():
       metrics = dict(evaluate(params, eval_data))
       if population_metrics is not None:
-        metrics.update(population_metrics(params, d, groups))
+        metrics.update(population_metrics(params, d, buckets))
       return metrics
     shapes = jax.eval_shape(compute)
     nan = lambda: jax.tree.map(lambda s: jnp.full(s.shape, jnp.nan, s.dtype), shapes)
@@ -423,25 +460,28 @@ def build_engine(model, algo: Algorithm, train, plan: Plan, cohort_size: int, tr
       hooks.round_steps is not None)}
 
   if plan.name != "host_loop":
-    def block(state, d, eval_data, hp, rounds, active, do_eval):
+    def block(state, d, eval_data, key, hp, rounds, active, do_eval):
       def body(state, xs):
         r, act, ev = xs
-        state, stats = lax.cond(act, lambda s: device_round(d, s, hp, r),
+        state, stats = lax.cond(act, lambda s: device_round(d, key, s, hp, r),
                                 lambda s: (s, no_stats), state)
         metrics = evaluated_metrics(state.params, d, eval_data, act & ev)
         metrics.update(stats, finite=finite(state.params))
         return state, metrics
       return lax.scan(body, state, (rounds, active, do_eval))
 
+    if sweep:
+      block = jax.vmap(block, in_axes=(0, 0, 0, 0, 0, None, None, None))
+      init_state = jax.vmap(init_state)
     block_j = jax.jit(block, donate_argnums=0)
     def run_block(state, rounds, active, do_eval):
-      return block_j(state, data, eval_data, hparams, rounds, active, do_eval)
+      return block_j(state, data, eval_data, train_key, hparams, rounds, active, do_eval)
     run_block.compiled = block_j  # for inspection (compile counts, memory analysis)
     return Engine(run_block, init_state, buckets, groups, plan)
 
   # host_loop: the same pieces, with Python driving rounds, chunks and local steps. One compiled
   # call per local step is what XLA:CPU runs convolutions fastest with (see Plan).
-  plan_j = jax.jit(round_plan)
+  plan_j = jax.jit(lambda state, r: round_plan(train_key, state, r))
 
   def bucket_inputs(d, plan_r, b, bucket):
     ids, returns, straggler, u = slots(d, plan_r, b, bucket)

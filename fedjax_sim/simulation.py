@@ -217,13 +217,7 @@ def simulate(algorithm: Algorithm, model: Model, train: FederatedData, rounds: i
       plan, chunk_size, rounds_per_block)
   system = systems.check(system)
   key = jax.random.key(int(seed))
-  init_key = jax.random.fold_in(key, STREAM_INIT)
-  if init_params is not None:
-    _check_init_params(init_params, jax.eval_shape(model.init, init_key), model.name)
-  params = model.init(init_key) if init_params is None else init_params
-  # A fresh copy: the server state is donated to the compiled block, which must not invalidate
-  # arrays the caller passed as init_params.
-  params = jax.tree.map(lambda a: jnp.array(a, copy=True), params)
+  params = initial_params(model, seed, init_params)
   _check_labels(model, params, train, "train")
   if test is not None:
     _check_labels(model, params, test, "test")
@@ -232,17 +226,13 @@ def simulate(algorithm: Algorithm, model: Model, train: FederatedData, rounds: i
   batch = algorithm.batch_size or int(train.num_examples.max())
   chosen = choose_plan(plan, chunk_size, model, params, train.feature_shape, batch, backend,
                        train.x.dtype)
-  eval_sets = [("train", train)] + ([("test", test)] if test is not None else [])
-  evaluators = [metrics_lib.dataset_evaluator(model, d.total_examples, name, chosen.unroll,
-                                              d.num_clients) for name, d in eval_sets]
-  eval_data = [(*d.device_arrays(), jnp.asarray(metrics_lib.client_of_row(d.num_examples)))
-               for _, d in eval_sets]
-  evaluate = lambda p, arrays: {k: v for ev, xy in zip(evaluators, arrays)
-                                for k, v in ev(p, xy).items()}
+  eval_sets = {"train": train} if test is None else {"train": train, "test": test}
+  evaluate = evaluator(model, eval_sets, chosen.unroll)
+  eval_data = [metrics_lib.eval_arrays(d) for d in eval_sets.values()]
   engine = round_lib.build_engine(model, algorithm, train, chosen, cohort_size,
                                   jax.random.fold_in(key, STREAM_TRAIN), evaluate, eval_data,
                                   bucketing, system,
-                                  metrics_lib.gradient_dissimilarity(model, train.num_examples)
+                                  metrics_lib.gradient_dissimilarity(model)
                                   if dissimilarity else None)
   info = {
       "plan": chosen.name, "chunk_size": chosen.chunk_size, "unroll": chosen.unroll,
@@ -258,25 +248,13 @@ def simulate(algorithm: Algorithm, model: Model, train: FederatedData, rounds: i
   block_seconds = []
   state = engine.init_state(params)
   start = time.perf_counter()
-  for first in range(1, rounds + 1, block_len):
-    round_nums = np.arange(first, first + block_len, dtype=np.int32)
-    active = round_nums <= rounds
-    do_eval = active & ((round_nums % eval_every == 0) | (round_nums == rounds))
+  for round_nums, active, do_eval in blocks(rounds, block_len, eval_every):
     state, metrics = engine.run_block(state, jnp.asarray(round_nums), jnp.asarray(active),
                                       jnp.asarray(do_eval))
     metrics = jax.device_get(metrics)
     elapsed = time.perf_counter() - start
     block_seconds.append(elapsed - sum(block_seconds))
-    rows, diverged = [], None
-    for i, r in enumerate(round_nums):
-      if not active[i]:
-        break
-      row = {k: float(v[i]) for k, v in metrics.items() if k != "finite"}
-      if not metrics["finite"][i] or (do_eval[i] and not all(map(math.isfinite, row.values()))):
-        diverged = int(r)
-        break
-      if do_eval[i]:
-        rows.append({"round": int(r), **row, "elapsed": elapsed})
+    rows, diverged = history_rows(metrics, round_nums, active, do_eval, elapsed)
     for row in rows:
       for k, v in row.items():
         history.setdefault(k, []).append(v)
@@ -286,6 +264,50 @@ def simulate(algorithm: Algorithm, model: Model, train: FederatedData, rounds: i
       raise TrainingDiverged(diverged, history)
   info["seconds"] = time.perf_counter() - start
   info["block_seconds"] = block_seconds  # the first includes compilation
-  cache_size = getattr(getattr(engine.run_block, "compiled", None), "_cache_size", None)
-  info["compilations"] = cache_size() if cache_size else None
+  info["compilations"] = compilations(engine)
   return SimulationResult(state.params, history, info, state)
+
+
+def initial_params(model: Model, seed: int, init_params=None):
+  """``init_params`` (checked against the model) or ``model.init`` of the seed's init stream,
+  copied: the server state is donated to the compiled block, which must not invalidate arrays
+  the caller passed in."""
+  init_key = jax.random.fold_in(jax.random.key(int(seed)), STREAM_INIT)
+  if init_params is not None:
+    _check_init_params(init_params, jax.eval_shape(model.init, init_key), model.name)
+  params = model.init(init_key) if init_params is None else init_params
+  return jax.tree.map(lambda a: jnp.array(a, copy=True), params)
+
+
+def evaluator(model: Model, eval_sets: dict, unroll: bool, rows: int | None = None):
+  """``fn(params, [arrays per set]) -> metrics`` of every named evaluation set."""
+  evaluators = [metrics_lib.dataset_evaluator(model, rows or d.total_examples, name, unroll,
+                                              d.num_clients) for name, d in eval_sets.items()]
+  return lambda p, arrays: {k: v for ev, xy in zip(evaluators, arrays) for k, v in ev(p, xy).items()}
+
+
+def blocks(rounds: int, block_len: int, eval_every: int):
+  """``(round_nums, active, do_eval)`` of each block of rounds (the last one padded)."""
+  for first in range(1, rounds + 1, block_len):
+    round_nums = np.arange(first, first + block_len, dtype=np.int32)
+    active = round_nums <= rounds
+    yield round_nums, active, active & ((round_nums % eval_every == 0) | (round_nums == rounds))
+
+
+def history_rows(metrics: dict, round_nums, active, do_eval, elapsed: float):
+  """One block's metrics (``[block]`` arrays) → ``(rows of evaluated rounds, diverged round)``."""
+  rows = []
+  for i, r in enumerate(round_nums):
+    if not active[i]:
+      break
+    row = {k: float(v[i]) for k, v in metrics.items() if k != "finite"}
+    if not metrics["finite"][i] or (do_eval[i] and not all(map(math.isfinite, row.values()))):
+      return rows, int(r)
+    if do_eval[i]:
+      rows.append({"round": int(r), **row, "elapsed": elapsed})
+  return rows, None
+
+
+def compilations(engine) -> int | None:
+  cache_size = getattr(getattr(engine.run_block, "compiled", None), "_cache_size", None)
+  return cache_size() if cache_size else None

@@ -363,7 +363,11 @@ def test_per_client_accuracy_percentiles():
   ys = [np.array([0, 1]), np.array([0, 1]), np.array([1]), np.array([1])]
   fd = fs.FederatedData.from_arrays(xs, ys)
   ev = metrics.dataset_evaluator(model, fd.total_examples, "test", num_clients=4)
-  out = ev(params, (*fd.device_arrays(), jnp.asarray(metrics.client_of_row(fd.num_examples))))
+  out = ev(params, metrics.eval_arrays(fd))
+  padded = metrics.dataset_evaluator(model, 9, "test", num_clients=4)(
+      params, metrics.eval_arrays(fd, rows=9))
+  for k in out:
+    np.testing.assert_allclose(out[k], padded[k], rtol=1e-6)
   acc = np.array([1.0, 0.5, 0.0, 1.0])
   np.testing.assert_allclose(out["test_accuracy"], 4 / 6)
   np.testing.assert_allclose(out["test_client_accuracy_mean"], acc.mean())
@@ -382,12 +386,15 @@ def test_gradient_dissimilarity_matches_numpy():
   p = fd.num_examples / fd.total_examples
   mean = sum(pk * g for pk, g in zip(p, grads))
   expected = sum(pk * np.sum((g - mean) ** 2) for pk, g in zip(p, grads))
-  from fedjax_sim.round import DeviceData
-  d = DeviceData(*fd.device_arrays(), jnp.asarray(fd.offsets, jnp.int32),
-                 jnp.asarray(fd.num_examples, jnp.int32), jnp.zeros(4, jnp.int32))
-  measure = metrics.gradient_dissimilarity(model, fd.num_examples, max_rows_per_chunk=8)
-  out = jax.jit(lambda prm: measure(prm, d, [np.array([0, 1]), np.array([2, 3])]))(
-      {"kernel": jnp.asarray(w[:, None], jnp.float32)})
+  from fedjax_sim import round as round_lib
+  buckets, bucket_of, _ = round_lib.make_buckets(fd.num_examples, alg.fedavg(), 4, None)
+  buckets[0] = buckets[0]._replace(shape=buckets[0].shape._replace(max_examples=3))
+  bucket_of = np.array([0, 0, 1, 1], np.int32)  # two buckets of two, whatever size_buckets chose
+  buckets = [buckets[0]._replace(members=2), buckets[0]._replace(
+      members=2, shape=buckets[0].shape._replace(max_examples=5))]
+  d = round_lib.device_data(fd, bucket_of)
+  measure = metrics.gradient_dissimilarity(model, max_rows_per_chunk=8)
+  out = jax.jit(lambda prm: measure(prm, d, buckets))({"kernel": jnp.asarray(w[:, None], jnp.float32)})
   np.testing.assert_allclose(out["grad_dissimilarity"], expected, rtol=1e-5)
   np.testing.assert_allclose(out["grad_norm_sq"], np.sum(mean ** 2), rtol=1e-5)
 

@@ -1,0 +1,151 @@
+"""``simulate_sweep``: many runs (seeds × datasets × hyperparameters) as one compiled program.
+
+A convergence study repeats one experiment over seeds, data draws and hyperparameter values. Run
+one after another, each run pays its own compilation and, worse, its own sequence of local steps:
+federated rounds are sequential chains of small steps that leave most of a machine idle. Here
+the runs are stacked on a leading axis and the whole block of rounds is vmapped over it, so they
+compile once and advance in lockstep; a round costs about what the slowest run's round costs.
+
+Every run ``i`` reproduces ``simulate(algorithm with hparams[i], model, trains[i],
+seed=seeds[i], ...)`` (same cohorts, shuffles and stragglers; floats agree up to reassociation).
+Numeric hyperparameters that the algorithm reads from ``context.hparams`` (e.g. FedProx's ``mu``)
+can differ per run; everything else (model, optimizers, schedule, cohort size) is shared.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedjax_sim import metrics as metrics_lib
+from fedjax_sim import round as round_lib
+from fedjax_sim import simulation as sim
+from fedjax_sim import systems
+from fedjax_sim.algorithms import Algorithm
+from fedjax_sim.data import FederatedData
+from fedjax_sim.models import Model
+
+
+def _per_run(name: str, value, runs: int) -> list:
+  if isinstance(value, (list, tuple)):
+    if len(value) != runs:
+      raise ValueError(f"{name} has {len(value)} entries for {runs} runs")
+    return list(value)
+  return [value] * runs
+
+
+def simulate_sweep(algorithm: Algorithm, model: Model, trains, seeds: Sequence[int],
+                   hparams: Sequence[dict] | None = None, tests=None, rounds: int = 100,
+                   clients_per_round: int | None = None, client_fraction: float | None = None,
+                   eval_every: int = 1, plan: str = "auto", chunk_size: int | None = None,
+                   rounds_per_block: int | None = None, bucketing: bool = True,
+                   system: systems.Heterogeneity | None = None,
+                   dissimilarity: bool = False) -> list[sim.SimulationResult]:
+  """Runs ``len(seeds)`` simulations in one compiled, vmapped program.
+
+  Args:
+    algorithm, model: shared by every run.
+    trains: one :class:`FederatedData` per run (or one for all); all with the same number of
+      clients and feature shape.
+    seeds: one seed per run (initial model, cohorts, shuffles, stragglers).
+    hparams: per run, a dict overriding some of ``algorithm.hparams`` (e.g. ``{"mu": 1.0}``).
+    tests: held-out data per run (or one for all, or ``None``).
+    rounds, clients_per_round, client_fraction, eval_every, plan, chunk_size, rounds_per_block,
+    bucketing, system, dissimilarity: as in :func:`fedjax_sim.simulate`.
+
+  Returns:
+    One :class:`~fedjax_sim.simulation.SimulationResult` per run. A run whose model becomes
+    non-finite stops recording at that round (``info["diverged_at_round"]``) while the others go
+    on; no exception is raised.
+  """
+  seeds = list(seeds)
+  runs = len(seeds)
+  if runs == 0:
+    raise ValueError("seeds is empty: a sweep needs at least one run")
+  trains = _per_run("trains", trains, runs)
+  tests = _per_run("tests", tests, runs)
+  overrides = _per_run("hparams", hparams if hparams is not None else {}, runs)
+  for i, h in enumerate(overrides):
+    unknown = set(h) - set(algorithm.hparams)
+    if unknown:
+      raise ValueError(f"hparams[{i}] sets {sorted(unknown)}, which {algorithm.name!r} does not have "
+                       f"(its hyperparameters: {sorted(algorithm.hparams) or 'none'})")
+  shapes = []
+  for i, (train, test, seed) in enumerate(zip(trains, tests, seeds)):
+    shapes.append(sim.check_arguments(algorithm, model, train, test, rounds, clients_per_round,
+                                      client_fraction, seed, eval_every, plan, chunk_size,
+                                      rounds_per_block))
+    if (train.num_clients, train.feature_shape) != (trains[0].num_clients, trains[0].feature_shape):
+      raise ValueError(f"trains[{i}] has {train.num_clients} clients of feature shape "
+                       f"{train.feature_shape}; trains[0] has {trains[0].num_clients} of "
+                       f"{trains[0].feature_shape}: a sweep needs them equal")
+    if (test is None) != (tests[0] is None):
+      raise ValueError("give a test set for every run or for none")
+  cohort_size, block_len = shapes[0]
+  system = systems.check(system)
+
+  params = [sim.initial_params(model, seed) for seed in seeds]
+  for i, (train, test) in enumerate(zip(trains, tests)):
+    sim._check_labels(model, params[0], train, f"trains[{i}]")
+    if test is not None:
+      sim._check_labels(model, params[0], test, f"tests[{i}]")
+  backend = jax.default_backend()
+  batch = algorithm.batch_size or max(int(t.num_examples.max()) for t in trains)
+  chosen = sim.choose_plan(plan, chunk_size, model, params[0], trains[0].feature_shape, batch,
+                           backend, trains[0].x.dtype)
+  if chosen.name == "host_loop":  # one compiled program is the point of a sweep
+    chosen = round_lib.Plan("chunked", sim.auto_chunk_size(sum(
+        a.size for a in jax.tree.leaves(params[0])), batch), chosen.unroll)
+
+  names = ["train"] + (["test"] if tests[0] is not None else [])
+  sets = [trains] + ([tests] if tests[0] is not None else [])
+  rows = [max(d.total_examples for d in data) for data in sets]
+  evaluators = [metrics_lib.dataset_evaluator(model, r, n, chosen.unroll, data[0].num_clients)
+                for n, r, data in zip(names, rows, sets)]
+  evaluate = lambda p, arrays: {k: v for ev, a in zip(evaluators, arrays) for k, v in ev(p, a).items()}
+  stack = lambda trees: jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+  eval_data = [stack([metrics_lib.eval_arrays(d, r) for d in data]) for data, r in zip(sets, rows)]
+  keys = jnp.stack([jax.random.fold_in(jax.random.key(int(s)), sim.STREAM_TRAIN) for s in seeds])
+  run_hparams = {k: jnp.asarray([float(h.get(k, v)) for h in overrides], jnp.float32)
+                 for k, v in algorithm.hparams.items()}
+  engine = round_lib.build_engine(model, algorithm, trains, chosen, cohort_size, keys, evaluate,
+                                  eval_data, bucketing, system,
+                                  metrics_lib.gradient_dissimilarity(model) if dissimilarity else None,
+                                  hparams=run_hparams)
+
+  histories = [{"round": []} for _ in range(runs)]
+  diverged: list[int | None] = [None] * runs
+  block_seconds = []
+  state = engine.init_state(stack(params))
+  start = time.perf_counter()
+  for round_nums, active, do_eval in sim.blocks(rounds, block_len, eval_every):
+    state, metrics = engine.run_block(state, jnp.asarray(round_nums), jnp.asarray(active),
+                                      jnp.asarray(do_eval))
+    metrics = jax.device_get(metrics)
+    elapsed = time.perf_counter() - start
+    block_seconds.append(elapsed - sum(block_seconds))
+    for i in range(runs):
+      if diverged[i] is not None:
+        continue
+      rows_i, diverged[i] = sim.history_rows({k: v[i] for k, v in metrics.items()}, round_nums,
+                                             active, do_eval, elapsed)
+      for row in rows_i:
+        for k, v in row.items():
+          histories[i].setdefault(k, []).append(v)
+  info = {"plan": chosen.name, "chunk_size": chosen.chunk_size, "backend": backend, "runs": runs,
+          "cohort_size": cohort_size, "rounds_per_block": block_len,
+          "num_buckets": len(engine.buckets),
+          "bucket_max_examples": [b.shape.max_examples for b in engine.buckets],
+          "seconds": time.perf_counter() - start, "block_seconds": block_seconds,
+          "compilations": sim.compilations(engine)}
+  results = []
+  for i in range(runs):
+    run_state = jax.tree.map(lambda a: a[i], state)
+    results.append(sim.SimulationResult(run_state.params, histories[i],
+                                        dict(info, seed=seeds[i], hparams=dict(overrides[i]),
+                                             diverged_at_round=diverged[i]), run_state))
+  return results

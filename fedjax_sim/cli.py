@@ -20,8 +20,11 @@ import tomllib
 # key -> (default, help). The value's type is checked by the factory it feeds.
 CONFIG_KEYS = {
     "algorithm": ("fedavg", "federated algorithm (see `fedjax-sim list`)"),
+    "algorithm_options": ({}, "table of the algorithm's own options, e.g. algorithm_options.mu=0.1 "
+                          "(fedprox), .option='I' (scaffold), .momentum, .beta1, .beta2, .tau, "
+                          ".convention (fedadam...), .max_local_steps, .every (local_sgd_*)"),
     "model": ("softmax_regression", "softmax_regression | logistic_regression | linear_regression "
-              "| mlp | cnn"),
+              "| mlp | cnn | shakespeare_lstm"),
     "dataset": ("power_law", "embedded dataset or 'npz' (see `fedjax-sim list`)"),
     "dataset_options": ({}, "table of dataset options, e.g. dataset_options.alpha=1.0"),
     "rounds": (500, "number of federated rounds"),
@@ -32,10 +35,14 @@ CONFIG_KEYS = {
     "local_steps": (None, "fixed local steps H per round instead of epochs (Local SGD)"),
     "batch_size": (16, "local mini-batch size B ('none' = full batch)"),
     "client_lr": (0.1, "client learning rate (for fedsgd: the step on the mean gradient)"),
-    "server_lr": (1.0, "server SGD learning rate on the pseudo-gradient (1.0 = FedAvg)"),
+    "server_lr": (None, "server learning rate (none = the algorithm's default; for fedavg a "
+                  "server SGD step on the pseudo-gradient, 1.0 = FedAvg)"),
     "weighting": ("num_examples", "server average weights: num_examples | uniform"),
     "shuffle": (True, "reshuffle client data every epoch"),
     "hidden_sizes": ([200, 200], "hidden layer sizes of the mlp model"),
+    "system": ({}, "stragglers and dropouts: system.straggler_fraction, system.straggler_policy "
+               "(drop | partial), system.dropout_rate"),
+    "dissimilarity": (False, "measure the gradient dissimilarity at evaluated rounds"),
     "seed": (0, "the seed all randomness derives from"),
     "eval_every": (10, "evaluate every this many rounds (and after the last)"),
     "plan": ("auto", "cohort execution plan: auto | vmap | chunked | scan | host_loop"),
@@ -43,7 +50,9 @@ CONFIG_KEYS = {
     "rounds_per_block": (10, "rounds per compiled call"),
 }
 
-MODELS = ("softmax_regression", "logistic_regression", "linear_regression", "mlp", "cnn")
+MODELS = ("softmax_regression", "logistic_regression", "linear_regression", "mlp", "cnn",
+          "shakespeare_lstm")
+TABLES = ("dataset_options", "algorithm_options", "system")
 
 
 class ConfigError(ValueError):
@@ -81,13 +90,14 @@ def resolve_config(config_file: str | None, overrides: list[str]) -> dict:
 
 
 def _set(config: dict, key: str, value) -> None:
-  if key.startswith("dataset_options."):
-    config["dataset_options"][key.split(".", 1)[1]] = value
+  table, _, sub = key.partition(".")
+  if table in TABLES and sub:
+    config[table][sub] = value
     return
   if key not in CONFIG_KEYS:
     raise ConfigError(f"unknown config key {key!r}; known keys: {', '.join(CONFIG_KEYS)}")
-  if key == "dataset_options" and not isinstance(value, dict):
-    raise ConfigError(f"dataset_options must be a table, got {value!r}")
+  if key in TABLES and not isinstance(value, dict):
+    raise ConfigError(f"{key} must be a table, got {value!r}")
   if isinstance(value, str) and value.lower() in ("none", "null"):
     value = None
   config[key] = value
@@ -104,32 +114,11 @@ def build_experiment(config: dict):
   name = config["algorithm"]
   if name not in algorithms.REGISTRY:
     raise ConfigError(f"unknown algorithm {name!r}; choose from {', '.join(algorithms.REGISTRY)}")
-  if config["dataset"] not in datasets.REGISTRY:
-    raise ConfigError(f"unknown dataset {config['dataset']!r}; choose from "
-                      f"{', '.join(datasets.REGISTRY)}")
   if config["model"] not in MODELS:
     raise ConfigError(f"unknown model {config['model']!r}; choose from {', '.join(MODELS)}")
   try:
-    if name == "fedsgd":
-      algo = algorithms.fedsgd(server_lr=config["client_lr"], weighting=config["weighting"])
-    else:
-      kwargs = dict(client_lr=config["client_lr"], batch_size=config["batch_size"],
-                    shuffle=config["shuffle"], weighting=config["weighting"])
-      if config["server_lr"] != 1.0:
-        import optax
-        from fedjax_sim._checks import positive_float
-        kwargs["server_optimizer"] = optax.sgd(positive_float("server_lr", config["server_lr"]))
-      if name == "local_sgd":
-        algo = algorithms.local_sgd(local_steps=config["local_steps"] or 1, **kwargs)
-      else:
-        algo = algorithms.fedavg(local_epochs=config["local_epochs"],
-                                 local_steps=config["local_steps"], **kwargs)
-    loader = datasets.REGISTRY[config["dataset"]][0]
-    try:
-      train, test, num_classes = loader(config["seed"], **config["dataset_options"])
-    except TypeError as e:
-      raise ConfigError(f"bad dataset_options {config['dataset_options']} for dataset "
-                        f"{config['dataset']!r}: {e}") from None
+    algo = build_algorithm(config)
+    train, test, num_classes = load_dataset(config)
     features = int(np.prod(train.feature_shape))
     kind = config["model"]
     if kind == "linear_regression":
@@ -143,6 +132,9 @@ def build_experiment(config: dict):
       if not isinstance(hidden, list) or not hidden:
         raise ConfigError(f"hidden_sizes must be a non-empty list of sizes, got {hidden!r}")
       model = models.mlp(features, tuple(hidden), num_classes or 2)
+    elif kind == "shakespeare_lstm":
+      model = models.shakespeare_lstm(vocab_size=num_classes or datasets.VOCAB_SIZE,
+                                      seq_len=train.feature_shape[0] if train.feature_shape else None)
     else:
       side = int(round(math.sqrt(features)))
       if side * side != features:
@@ -154,6 +146,68 @@ def build_experiment(config: dict):
       raise
     raise ConfigError(str(e)) from None
   return algo, model, train, test
+
+
+def build_algorithm(config: dict):
+  """The configured algorithm: shared keys plus ``algorithm_options``; raises ValueError."""
+  import inspect
+  from fedjax_sim import algorithms
+  name, options = config["algorithm"], dict(config["algorithm_options"])
+  factory = algorithms.REGISTRY[name]
+  if name == "fedsgd":
+    shared = dict(server_lr=config["server_lr"] or config["client_lr"], weighting=config["weighting"])
+  else:
+    shared = dict(client_lr=config["client_lr"], batch_size=config["batch_size"],
+                  shuffle=config["shuffle"], weighting=config["weighting"],
+                  local_epochs=config["local_epochs"], local_steps=config["local_steps"])
+    if name.startswith("local_sgd"):
+      del shared["local_epochs"]
+      if name != "local_sgd" or shared["local_steps"] is None:
+        shared.pop("local_steps")
+    if config["server_lr"] is not None:
+      shared["server_lr"] = config["server_lr"]
+  params = inspect.signature(factory).parameters
+  takes_any = any(p.kind == p.VAR_KEYWORD for p in params.values())
+  if "server_lr" in shared and "server_lr" not in params:
+    import optax
+    from fedjax_sim._checks import positive_float
+    shared["server_optimizer"] = optax.sgd(positive_float("server_lr", shared.pop("server_lr")))
+  if not takes_any:  # e.g. scaffold: unweighted by definition, no client_optimizer
+    shared = {k: v for k, v in shared.items() if k in params}
+  try:
+    return factory(**{**shared, **options})
+  except TypeError as e:
+    raise ConfigError(f"bad algorithm_options {options} for algorithm {name!r}: "
+                      f"{str(e).split(') ', 1)[-1]}") from None
+
+
+def build_system(options: dict):
+  """The ``system`` table as a :class:`fedjax_sim.Heterogeneity` (``None`` when empty)."""
+  from fedjax_sim import systems
+  if not options:
+    return None
+  unknown = set(options) - set(systems.Heterogeneity._fields)
+  if unknown:
+    raise ConfigError(f"unknown system keys {sorted(unknown)}; known: "
+                      f"{', '.join(systems.Heterogeneity._fields)}")
+  try:
+    return systems.check(systems.Heterogeneity(**options))
+  except ValueError as e:
+    raise ConfigError(f"system.{e}") from None
+
+
+def load_dataset(config: dict):
+  """``(train, test, num_classes)`` of the configured dataset; raises ConfigError."""
+  from fedjax_sim import datasets
+  if config["dataset"] not in datasets.REGISTRY:
+    raise ConfigError(f"unknown dataset {config['dataset']!r}; choose from "
+                      f"{', '.join(datasets.REGISTRY)}")
+  loader = datasets.REGISTRY[config["dataset"]][0]
+  try:
+    return loader(config["seed"], **config["dataset_options"])
+  except TypeError as e:
+    raise ConfigError(f"bad dataset_options {config['dataset_options']} for dataset "
+                      f"{config['dataset']!r}: {e}") from None
 
 
 class Progress:
@@ -217,6 +271,7 @@ def run(args) -> int:
   config = resolve_config(args.config, args.set or [])
   algo, model, train, test = build_experiment(config)
   from fedjax_sim.simulation import TrainingDiverged, check_arguments, simulate
+  system = build_system(config["system"])
   run_args = dict(rounds=config["rounds"], clients_per_round=config["clients_per_round"],
                   client_fraction=config["client_fraction"], seed=config["seed"],
                   eval_every=config["eval_every"], plan=config["plan"],
@@ -244,7 +299,8 @@ def run(args) -> int:
   summary = {"status": "completed", "config": config}
   history = None
   try:
-    result = simulate(algo, model, train, test=test, callback=log, **run_args)
+    result = simulate(algo, model, train, test=test, callback=log, system=system,
+                      dissimilarity=bool(config["dissimilarity"]), **run_args)
     history = result.history
     summary["engine"] = result.info
   except TrainingDiverged as e:
@@ -296,13 +352,32 @@ def list_available(_args) -> int:
   return 0
 
 
+def describe_data(args) -> int:
+  """``fedjax-sim data describe``: per-client size and label statistics, and a PNG of the labels."""
+  from fedjax_sim import describe
+  config = resolve_config(args.config, args.set or [])
+  try:
+    train, test, num_classes = load_dataset(config)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  for name, data in (("train", train), ("test", test)):
+    if data is not None:
+      print(f"{config['dataset']} ({name})")
+      print(describe.format_description(describe.describe(data, num_classes)))
+  png = args.png or f"{config['dataset']}_labels.png"
+  describe.plot_label_distribution(train, png, num_classes)
+  print(f"label distribution plot: {png}")
+  return 0
+
+
 def _parser() -> argparse.ArgumentParser:
   keys = "\n".join(f"  {k:<18} {h} (default: {json.dumps(d)})" for k, (d, h) in CONFIG_KEYS.items())
   parser = argparse.ArgumentParser(
       prog="fedjax-sim", description="Vectorized federated-learning simulator.",
       formatter_class=argparse.RawDescriptionHelpFormatter,
       epilog="commands:\n  run    run an experiment (fedjax-sim run --help for its keys)\n"
-             "  list   algorithms, models and datasets")
+             "  list   algorithms, models and datasets\n"
+             "  data describe   client sizes and label skew of a dataset")
   sub = parser.add_subparsers(dest="command", required=True)
   run_p = sub.add_parser(
       "run", help="run an experiment", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -317,6 +392,16 @@ def _parser() -> argparse.ArgumentParser:
   run_p.set_defaults(func=run)
   list_p = sub.add_parser("list", help="list algorithms, models and datasets")
   list_p.set_defaults(func=list_available)
+  data_p = sub.add_parser("data", help="inspect a dataset")
+  data_sub = data_p.add_subparsers(dest="data_command", required=True)
+  describe_p = data_sub.add_parser(
+      "describe", help="client sizes and label skew of the configured dataset, plus a PNG",
+      description="Prints per-client size and label statistics of the dataset the config keys "
+                  "select (dataset, dataset_options.*, seed) and saves a label-distribution PNG.")
+  describe_p.add_argument("--config", help="TOML file of config keys")
+  describe_p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one key")
+  describe_p.add_argument("--png", help="where to save the plot (default <dataset>_labels.png)")
+  describe_p.set_defaults(func=describe_data)
   return parser
 
 

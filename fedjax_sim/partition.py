@@ -291,3 +291,25 @@ def label_distribution(fd: FederatedData, num_classes: int | None = None) -> np.
   client = np.repeat(np.arange(fd.num_clients), fd.num_examples)
   counts = np.bincount(client * num_classes + y, minlength=fd.num_clients * num_classes)
   return counts.reshape(fd.num_clients, num_classes).astype(np.int64)
+
+
+SCHEMES = ("iid", "dirichlet", "shards", "quantity_skew", "by_id")
+
+
+def split(x, y, scheme: str, seed: int, num_clients: int | None = None, **options) -> FederatedData:
+  """Partitions by scheme name (for configs): ``split(x, y, "dirichlet", seed, num_clients=100,
+  alpha=0.3)``. ``options`` are the chosen partitioner's keywords (``by_id`` takes ``ids``).
+
+  Raises:
+    ValueError: unknown scheme or options, naming them.
+  """
+  if scheme not in SCHEMES:
+    raise ValueError(f"partition must be one of {', '.join(SCHEMES)}, got {scheme!r}")
+  fn = {"iid": iid, "dirichlet": dirichlet, "shards": shards, "quantity_skew": quantity_skew,
+        "by_id": by_id}[scheme]
+  try:
+    if scheme == "by_id":
+      return fn(x, y, **options)
+    return fn(x, y, num_clients=num_clients, seed=seed, **options)
+  except TypeError as e:
+    raise ValueError(f"bad options {sorted(options)} for partition {scheme!r}: {e}") from None

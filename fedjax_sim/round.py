@@ -132,6 +132,10 @@ def make_buckets(num_examples: np.ndarray, algo: Algorithm, cohort_size: int,
                  variable_steps: bool = False) -> tuple[list[Bucket], np.ndarray, list]:
   """Builds the buckets; returns ``(buckets, bucket_of_client, groups)``.
 
+  For a sweep (2-D sizes) a bucket is one chunk: runs in lockstep execute every chunk anyway
+  (under vmap over runs, ``lax.cond`` runs both branches), so splitting a bucket into chunks
+  would only run them one after another.
+
   ``num_examples`` is ``[num_clients]``, or ``[runs, num_clients]`` for a sweep: then the buckets
   are shared by every run (shapes fit the union of the runs' clients) and ``bucket_of_client`` is
   ``[runs, num_clients]``; ``groups`` index the flattened sizes.
@@ -152,7 +156,9 @@ def make_buckets(num_examples: np.ndarray, algo: Algorithm, cohort_size: int,
     # chunks no larger than the expected count (next power of two) let lax.cond skip the rest.
     expected = cohort_size * members / num_clients
     chunk = min(capacity, 1 << max(0, math.ceil(math.log2(max(expected, 1.0)))))
-    if chunk_size is not None:
+    if sizes.shape[0] > 1:
+      chunk = capacity
+    elif chunk_size is not None:
       chunk = max(1, min(chunk_size, chunk))
     buckets.append(Bucket(client_lib.bucket_shape(flat[g], algo, variable_steps), capacity,
                           chunk, members, dense=capacity <= 2 * expected))
@@ -220,17 +226,20 @@ ROUND_STATS = ("drift", "update_norm_mean", "update_norm_max", "participants")
 
 
 def device_data(trains, bucket_of: np.ndarray) -> DeviceData:
-  """The population(s) on device; several runs' datasets are zero-padded to one row count and
-  stacked on a leading run axis."""
+  """The population on device. For a sweep (a list of datasets) the runs' examples are
+  concatenated into one shared ``x``/``y`` (each run's ``offsets`` point into its own rows) and the
+  per-client arrays are stacked ``[runs, num_clients]``: vmapping over runs then batches only the
+  row indices, never the example arrays (a gather from a run-batched array costs XLA:CPU time in
+  proportion to the data, every local step)."""
   if not isinstance(trains, (list, tuple)):
     return DeviceData(*trains.device_arrays(), jnp.asarray(trains.offsets, jnp.int32),
                       jnp.asarray(trains.num_examples, jnp.int32), jnp.asarray(bucket_of))
-  rows = max(t.total_examples for t in trains)
-  pad = lambda a: np.concatenate([a, np.zeros((rows - len(a), *a.shape[1:]), a.dtype)])
-  stack = lambda arrays, dtype=None: jnp.asarray(np.stack(arrays), dtype)
-  return DeviceData(stack([pad(t.x) for t in trains]), stack([pad(t.y) for t in trains]),
-                    stack([t.offsets for t in trains], jnp.int32),
-                    stack([t.num_examples for t in trains], jnp.int32), jnp.asarray(bucket_of))
+  base = np.cumsum([0] + [t.total_examples for t in trains[:-1]])
+  return DeviceData(jnp.asarray(np.concatenate([t.x for t in trains])),
+                    jnp.asarray(np.concatenate([t.y for t in trains])),
+                    jnp.asarray(np.stack([t.offsets + b for t, b in zip(trains, base)]), jnp.int32),
+                    jnp.asarray(np.stack([t.num_examples for t in trains]), jnp.int32),
+                    jnp.asarray(bucket_of))
 
 
 def build_engine(model, algo: Algorithm, train, plan: Plan, cohort_size: int, train_key: jax.Array,
@@ -471,7 +480,8 @@ def build_engine(model, algo: Algorithm, train, plan: Plan, cohort_size: int, tr
       return lax.scan(body, state, (rounds, active, do_eval))
 
     if sweep:
-      block = jax.vmap(block, in_axes=(0, 0, 0, 0, 0, None, None, None))
+      data_axes = DeviceData(None, None, 0, 0, 0)
+      block = jax.vmap(block, in_axes=(0, data_axes, 0, 0, 0, None, None, None))
       init_state = jax.vmap(init_state)
     block_j = jax.jit(block, donate_argnums=0)
     def run_block(state, rounds, active, do_eval):

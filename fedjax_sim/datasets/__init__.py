@@ -12,7 +12,7 @@ from fedjax_sim.datasets.digits import load_digits_federated
 from fedjax_sim.datasets.download import PUBLIC_FILES, download
 from fedjax_sim.datasets.fedjax_sqlite import (load_fedjax_sqlite, save_fedjax_sqlite,
                                                shakespeare_examples)
-from fedjax_sim.datasets.files import load_npz, save_npz
+from fedjax_sim.datasets.files import load_centralized_npz, load_npz, save_npz
 from fedjax_sim.datasets.leaf import (SHAKESPEARE_VOCAB, VOCAB_SIZE, decode_text, encode_text,
                                       load_leaf, load_leaf_splits)
 from fedjax_sim.datasets.synthetic import (fedprox_synthetic, linear_regression_client,
@@ -34,10 +34,18 @@ def _fedprox_iid(seed):
   return train, test, 10
 
 
-def _npz(seed, path=None):
+def _npz(seed, path=None, partition=None, num_clients=None, **partition_options):
+  """A federated .npz, or a centralized one (arrays ``x``, ``y``) split with ``partition``."""
   if path is None:
     raise ValueError("dataset 'npz' needs dataset_options.path (the .npz file to read)")
-  train = load_npz(str(path))
+  if partition is None:
+    if num_clients is not None or partition_options:
+      raise ValueError("dataset_options num_clients/alpha/... need dataset_options.partition")
+    train = load_npz(str(path))
+  else:
+    from fedjax_sim import partition as partitions
+    x, y = load_centralized_npz(str(path))
+    train = partitions.split(x, y, partition, seed, num_clients, **partition_options)
   num_classes = int(train.y.max()) + 1 if np.issubdtype(train.y.dtype, np.integer) else None
   return train, None, num_classes
 
@@ -85,7 +93,9 @@ REGISTRY = {
                       "five clients, 4 features (bias column included), binary labels"),
     "linear_regression": (lambda seed: (linear_regression_client(seed=seed), None, None),
                           "one client, 3 features, y = x·[2, -1, 0.5] + noise"),
-    "npz": (_npz, "your own .npz file (see fedjax_sim.datasets.load_npz); option: path"),
+    "npz": (_npz, "your own .npz file (see fedjax_sim.datasets.load_npz); options: path, and for "
+            "a centralized file (arrays x, y) partition = iid | dirichlet | shards | "
+            "quantity_skew with num_clients, alpha, shards_per_client, ..."),
     "leaf": (_leaf, "LEAF JSON file/directory (FEMNIST, Shakespeare...); options: path, split, "
              "text ('shakespeare' maps characters to ids)"),
     "fedjax_sqlite": (_fedjax_sqlite, "FedJAX SQLite client file; options: path, x_key, y_key "
@@ -96,5 +106,5 @@ REGISTRY = {
 
 __all__ = ["PUBLIC_FILES", "REGISTRY", "SHAKESPEARE_VOCAB", "VOCAB_SIZE", "decode_text", "download",
            "encode_text", "fedprox_synthetic", "linear_regression_client", "load_digits_federated",
-           "load_fedjax_sqlite", "load_leaf", "load_leaf_splits", "load_npz", "logistic_demo",
+           "load_centralized_npz", "load_fedjax_sqlite", "load_leaf", "load_leaf_splits", "load_npz", "logistic_demo",
            "power_law_population", "save_fedjax_sqlite", "save_npz", "shakespeare_examples"]

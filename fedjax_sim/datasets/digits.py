@@ -71,13 +71,7 @@ def load_digits_federated(partition: str = "dirichlet", num_clients: int = 20, a
   if not 0 <= test_fraction < 1:
     raise ValueError(f"test_fraction must lie in [0, 1), got {test_fraction!r}")
   x, y = _load_digits()
-  if partition == "iid":
-    fd = partitions.iid(x, y, num_clients, seed)
-  elif partition == "dirichlet":
-    fd = partitions.dirichlet(x, y, num_clients, alpha, seed)
-  elif partition == "shards":
-    fd = partitions.shards(x, y, num_clients, shards_per_client, seed)
-  else:
-    fd = partitions.quantity_skew(x, y, num_clients, seed)
+  options = {"dirichlet": dict(alpha=alpha), "shards": dict(shards_per_client=shards_per_client)}
+  fd = partitions.split(x, y, partition, seed, num_clients, **options.get(partition, {}))
   rng = np.random.default_rng([seed, 1])  # independent of the partitioner's stream
   return _split_clients(fd, test_fraction, rng)

@@ -55,6 +55,25 @@ def load_npz(path: str) -> FederatedData:
   return FederatedData.from_arrays([arrays["x/" + c] for c in xs], [arrays["y/" + c] for c in xs], xs)
 
 
+def load_centralized_npz(path: str) -> tuple[np.ndarray, np.ndarray]:
+  """Reads arrays ``x`` (``[N, ...]``) and ``y`` (``[N]``) of a centralized ``.npz`` (to partition
+  with :mod:`fedjax_sim.partition`). Raises DataError naming the file and the problem."""
+  if not os.path.exists(path):
+    raise DataError(f"data file {path!r} does not exist")
+  try:
+    with np.load(path, allow_pickle=False) as archive:
+      if not {"x", "y"} <= set(archive.files):
+        raise DataError(f"{path}: a centralized .npz needs arrays x and y; found {sorted(archive.files)[:6]}")
+      x, y = archive["x"], archive["y"]
+  except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
+    if isinstance(e, DataError):
+      raise
+    raise DataError(f"cannot read {path!r} as .npz: {e}") from None
+  if len(x) != len(y):
+    raise DataError(f"{path}: x has {len(x)} rows but y has {len(y)}")
+  return x, y
+
+
 def save_npz(path: str, data: FederatedData) -> None:
   """Writes ``data`` in the per-client layout :func:`load_npz` reads."""
   arrays = {"client_ids": np.array(data.client_ids)}

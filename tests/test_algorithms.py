@@ -419,3 +419,30 @@ def test_every_registered_algorithm_trains_compiles_once_and_keeps_state_shapes(
   assert jax.tree.structure(again.state) == jax.tree.structure(res.state)
   for a, b in zip(jax.tree.leaves(init_state), jax.tree.leaves(again.state)):
     assert a.shape == b.shape and a.dtype == b.dtype, name
+
+
+# Sweeps -----------------------------------------------------------------------------------------
+
+def test_sweep_runs_reproduce_single_simulations(classification):
+  fd, model = classification
+  other = fs.FederatedData.from_arrays([fd.client(i)[0][:4] for i in range(fd.num_clients)],
+                                       [fd.client(i)[1][:4] for i in range(fd.num_clients)])
+  algo = alg.fedprox(mu=0.0, client_lr=0.1, local_epochs=2, batch_size=4)
+  runs = [(fd, 0, 0.0), (other, 1, 0.5), (fd, 2, 1.0)]
+  args = dict(rounds=4, clients_per_round=3, eval_every=2, system=fs.Heterogeneity(0.4, "partial"))
+  swept = fs.simulate_sweep(algo, model, [r[0] for r in runs], seeds=[r[1] for r in runs],
+                            hparams=[{"mu": r[2]} for r in runs], **args)
+  assert swept[0].info["compilations"] == 1
+  for (data, seed, mu), res in zip(runs, swept):
+    alone = fs.simulate(algo._replace(hparams={"mu": mu}), model, data, seed=seed, **args)
+    _close(alone.params, res.params, 1e-5)
+    np.testing.assert_allclose(alone.history["train_loss"], res.history["train_loss"], rtol=1e-5)
+    assert alone.history["round"] == res.history["round"]
+
+
+def test_sweep_rejects_mismatched_runs(classification):
+  fd, model = classification
+  with pytest.raises(ValueError, match="hparams"):
+    fs.simulate_sweep(alg.fedavg(), model, fd, seeds=[0, 1], hparams=[{"mu": 1.0}, {}])
+  with pytest.raises(ValueError, match="clients"):
+    fs.simulate_sweep(alg.fedavg(), model, [fd, fd.subset([0, 1])], seeds=[0, 1])

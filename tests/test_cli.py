@@ -113,3 +113,47 @@ def test_default_config_is_the_documented_scale():
   from fedjax_sim import datasets
   train, _, _ = datasets.REGISTRY["power_law"][0](0)
   assert train.num_clients >= 1000
+
+
+@pytest.mark.parametrize("algorithm,options", [
+    ("fedprox", ["--set", "algorithm_options.mu=0.1"]),
+    ("scaffold", ["--set", "algorithm_options.option='I'"]),
+    ("fedadam", ["--set", "server_lr=0.05", "--set", "algorithm_options.convention='optax'"]),
+    ("local_sgd_growing", ["--set", "algorithm_options.max_local_steps=4",
+                           "--set", "algorithm_options.every=2"]),
+])
+def test_run_every_algorithm_family_from_the_config(algorithm, options, tmp_path):
+  out = tmp_path / algorithm
+  assert main(["run", "--out", str(out), *SMALL, "--set", f"algorithm={algorithm}", *options,
+               "--set", "system.straggler_fraction=0.3", "--set", "system.straggler_policy='partial'",
+               "--set", "dissimilarity=true"]) == 0
+  rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+  assert {"drift", "grad_dissimilarity", "participants", "train_client_accuracy_p10"} <= rows[-1].keys()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--set", "algorithm=fedprox", "--set", "algorithm_options.mu=-1"], "mu must be"),
+    (["--set", "algorithm=fedprox", "--set", "algorithm_options.nu=1"], "algorithm_options"),
+    (["--set", "system.straggler_policy='wait'"], "straggler_policy"),
+    (["--set", "system.speed=1"], "unknown system keys"),
+])
+def test_bad_algorithm_and_system_options_are_named(args, message, capsys, tmp_path):
+  assert message in _error(args, capsys, tmp_path)
+
+
+def test_partitioned_npz_and_data_describe(tmp_path, capsys):
+  rng = np.random.default_rng(0)
+  path = tmp_path / "central.npz"
+  np.savez(path, x=rng.normal(size=(300, 4)).astype(np.float32), y=rng.integers(0, 3, 300))
+  keys = ["--set", "dataset=npz", "--set", f"dataset_options.path='{path}'",
+          "--set", "dataset_options.partition='dirichlet'", "--set", "dataset_options.num_clients=6",
+          "--set", "dataset_options.alpha=0.3"]
+  png = tmp_path / "labels.png"
+  assert main(["data", "describe", *keys, "--png", str(png)]) == 0
+  printed = capsys.readouterr().out
+  assert "6" in printed and png.read_bytes()[:4] == b"\x89PNG"
+  out = tmp_path / "run"
+  assert main(["run", "--out", str(out), *SMALL[4:], "--set", "model=softmax_regression", *keys]) == 0
+  bad = ["--set", "dataset_options.partition='zipf'"]
+  assert main(["data", "describe", *keys, *bad]) == 2
+  assert "partition must be one of" in capsys.readouterr().err

@@ -279,6 +279,7 @@ def build_engine(model, algo: Algorithm, train, plan: Plan, cohort_size: int, tr
   buckets, bucket_of, groups = make_buckets(sizes, algo, cohort_size, plan.chunk_size,
                                             bucketing, variable_steps=system.partial)
   data = device_data(train, bucket_of)
+  shuffle_method = client_lib.shuffle_method(int(np.max(sizes)))
   hparams = {k: jnp.asarray(v, jnp.float32)
              for k, v in (algo.hparams if hparams is None else hparams).items()}
   uniform = algo.weighting == "uniform"
@@ -315,7 +316,7 @@ def build_engine(model, algo: Algorithm, train, plan: Plan, cohort_size: int, tr
       epochs = None if algo.local_steps is not None else algo.local_epochs
       steps = jnp.where(flat(straggler), systems.partial_steps(flat(u), steps, spe, epochs), steps)
     keys = jax.vmap(lambda i: jax.random.fold_in(client_key, i))(ids_f)
-    orders = client_lib.epoch_orders(keys, n, shape, algo.shuffle)
+    orders = client_lib.epoch_orders(keys, n, shape, algo.shuffle, shuffle_method)
     job = client_lib.ClientJob(d.offsets[ids_f], n, jnp.where(n > 0, steps, 0), orders)
     return jax.tree.map(lambda a: a.reshape(*ids.shape, *a.shape[1:]), job)
 

@@ -160,20 +160,32 @@ def test_logistic_demo_reaches_documented_loss():
   assert res.history["train_accuracy"][-1] > 0.75
 
 
-def test_shuffled_epochs_are_permutations_of_each_client():
+@pytest.mark.parametrize("method", ["fisher_yates", "sort"])
+def test_shuffled_epochs_are_permutations_of_each_client(method):
   """Every example of a client is used exactly once per epoch, in a random order."""
   from fedjax_sim import client as client_lib
   shape = client_lib.BucketShape(max_examples=11, batch=4, num_steps=9, num_epochs=3)
   keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(0), i))(jnp.arange(4))
   n = jnp.array([11, 7, 1, 0])
-  orders = np.asarray(client_lib.epoch_orders(keys, n, shape, shuffle=True))
+  orders = np.asarray(client_lib.epoch_orders(keys, n, shape, True, method))
   for c, n_c in enumerate([11, 7, 1]):
     for e in range(3):
       assert sorted(orders[c, e, :n_c]) == list(range(n_c))
   assert not np.array_equal(orders[0, 0], orders[0, 1]), "epochs must reshuffle"
   # A client's permutation does not depend on the padded length of its bucket.
-  wider = np.asarray(client_lib.epoch_orders(keys, n, shape._replace(max_examples=20), True))
+  wider = np.asarray(client_lib.epoch_orders(keys, n, shape._replace(max_examples=20), True,
+                                             method))
   np.testing.assert_array_equal(wider[1, :, :7], orders[1, :, :7])
+
+
+def test_sort_shuffle_is_uniform_over_positions():
+  """Across many keys, each example lands in each position about equally often."""
+  from fedjax_sim import client as client_lib
+  shape = client_lib.BucketShape(max_examples=6, batch=2, num_steps=3, num_epochs=1)
+  keys = jax.random.split(jax.random.key(1), 6000)
+  orders = np.asarray(client_lib.epoch_orders(keys, jnp.full(6000, 5), shape, True, "sort"))
+  counts = np.stack([(orders[:, 0, :5] == v).sum(0) for v in range(5)])  # [value, position]
+  np.testing.assert_allclose(counts / 6000, 0.2, atol=0.025)
 
 
 def test_cohort_sampling_is_uniform_without_replacement():

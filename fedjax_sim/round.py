@@ -211,6 +211,60 @@ class DeviceData(NamedTuple):
   offsets: jax.Array
   counts: jax.Array
   bucket_of: jax.Array
+  global_ids: Any = None  # streamed cohorts: the population id of each client (else its index)
+
+  def global_id(self, index):
+    return index if self.global_ids is None else self.global_ids[index]
+
+
+class CohortStream:
+  """A population kept in host memory, sent to the device one block of cohorts at a time.
+
+  For each round of a block the cohort is sampled exactly as on device (same key, same
+  :func:`sample_cohort`), its clients' rows are gathered on the host into one compact array in
+  cohort order, and the block's rounds go to the device stacked ``[rounds, rows, ...]``, with the
+  row count rounded up to a power of two (few compiled shapes). Clients keep their population
+  bucket and their global id (client keys and per-client states use it), so results equal the
+  on-device path. Host memory: the population's flat arrays plus two blocks of cohort rows (the
+  block in flight and the next one, gathered while the device runs — double buffering).
+  """
+
+  def __init__(self, train, bucket_of: np.ndarray, cohort_size: int):
+    self.x, self.y = train.x, train.y
+    self.offsets, self.sizes = train.offsets, train.num_examples
+    self.bucket_of, self.cohort_size = bucket_of, cohort_size
+    num_clients = train.num_clients
+    self._cohorts = jax.jit(jax.vmap(lambda key, r: sample_cohort(
+        jax.random.split(jax.random.fold_in(key, r), 3)[0], num_clients, cohort_size),
+        in_axes=(None, 0)))
+    self._next = None
+
+  def _gather(self, key, rounds: np.ndarray) -> DeviceData:
+    ids = np.asarray(self._cohorts(key, jnp.asarray(rounds, jnp.int32)))  # [R, m]
+    counts = self.sizes[ids]
+    totals = counts.sum(axis=1)
+    cap = 1 << int(math.ceil(math.log2(max(int(totals.max()), 1))))
+    x = np.zeros((len(rounds), cap, *self.x.shape[1:]), self.x.dtype)
+    y = np.zeros((len(rounds), cap), self.y.dtype)
+    local = np.cumsum(counts, axis=1) - counts
+    for i in range(len(rounds)):
+      rows = np.repeat(self.offsets[ids[i]] - local[i], counts[i]) + np.arange(totals[i])
+      x[i, :totals[i]], y[i, :totals[i]] = self.x[rows], self.y[rows]
+    as_int = lambda a: jnp.asarray(a, jnp.int32)
+    return DeviceData(jnp.asarray(x), jnp.asarray(y), as_int(local), as_int(counts),
+                      as_int(self.bucket_of[ids]), as_int(ids))
+
+  def take(self, key, rounds: np.ndarray) -> DeviceData:
+    """The block's cohort data (prefetched when :meth:`prefetch` guessed these rounds)."""
+    if self._next is not None and np.array_equal(self._next[0], rounds):
+      data = self._next[1]
+    else:
+      data = self._gather(key, rounds)
+    self._next = None
+    return data
+
+  def prefetch(self, key, rounds: np.ndarray) -> None:
+    self._next = (rounds, self._gather(key, rounds))
 
 
 class Engine(NamedTuple):
@@ -245,7 +299,8 @@ def device_data(trains, bucket_of: np.ndarray) -> DeviceData:
 def build_engine(model, algo: Algorithm, train, plan: Plan, cohort_size: int, train_key: jax.Array,
                  evaluate: Callable[[Any, Any], dict], eval_data: Any, bucketing: bool = True,
                  system: systems.Heterogeneity | None = None,
-                 population_metrics: Callable | None = None, hparams: dict | None = None) -> Engine:
+                 population_metrics: Callable | None = None, hparams: dict | None = None,
+                 streaming: bool = False) -> Engine:
   """Compiles the round for one (model, algorithm, dataset, plan), or for a sweep of runs.
 
   A sweep (``train`` a list of datasets with the same number of clients; ``train_key``,
@@ -268,6 +323,8 @@ def build_engine(model, algo: Algorithm, train, plan: Plan, cohort_size: int, tr
       evaluated rounds that read the training population (e.g. gradient dissimilarity).
     hparams: the algorithm's hyperparameters (default ``algo.hparams``; ``[runs]`` arrays for a
       sweep).
+    streaming: keep the population on the host; each block, gather the rounds' cohorts there and
+      send only their rows (see :class:`CohortStream`). Same results as the on-device path.
   """
   sweep = isinstance(train, (list, tuple))
   num_clients = train[0].num_clients if sweep else train.num_clients
@@ -278,7 +335,11 @@ def build_engine(model, algo: Algorithm, train, plan: Plan, cohort_size: int, tr
   sizes = np.stack([t.num_examples for t in train]) if sweep else train.num_examples
   buckets, bucket_of, groups = make_buckets(sizes, algo, cohort_size, plan.chunk_size,
                                             bucketing, variable_steps=system.partial)
-  data = device_data(train, bucket_of)
+  if streaming and (sweep or plan.name == "host_loop" or population_metrics is not None):
+    raise ValueError("a streamed population runs with plan vmap/chunked/scan, without sweeps or "
+                     "population metrics (dissimilarity)")
+  stream = CohortStream(train, bucket_of, cohort_size) if streaming else None
+  data = None if streaming else device_data(train, bucket_of)
   shuffle_method = client_lib.shuffle_method(int(np.max(sizes)))
   hparams = {k: jnp.asarray(v, jnp.float32)
              for k, v in (algo.hparams if hparams is None else hparams).items()}
@@ -290,7 +351,9 @@ def build_engine(model, algo: Algorithm, train, plan: Plan, cohort_size: int, tr
   def round_plan(key, state: ServerState, r):
     """This round's cohort, per-position conditions, client key and Local-SGD ``H``."""
     sample_key, client_key, system_key = jax.random.split(jax.random.fold_in(key, r), 3)
-    cohort = sample_cohort(sample_key, num_clients, cohort_size)
+    # A streamed round's data holds exactly its cohort, in cohort order.
+    cohort = (jnp.arange(cohort_size, dtype=jnp.int32) if streaming
+              else sample_cohort(sample_key, num_clients, cohort_size))
     conditions = systems.cohort_conditions(system_key, cohort_size, system)
     h = (jnp.int32(0) if hooks.round_steps is None
          else jnp.asarray(hooks.round_steps(state.extra, r), jnp.int32))
@@ -315,7 +378,7 @@ def build_engine(model, algo: Algorithm, train, plan: Plan, cohort_size: int, tr
       spe = client_lib.steps_per_epoch(n, algo.batch_size)
       epochs = None if algo.local_steps is not None else algo.local_epochs
       steps = jnp.where(flat(straggler), systems.partial_steps(flat(u), steps, spe, epochs), steps)
-    keys = jax.vmap(lambda i: jax.random.fold_in(client_key, i))(ids_f)
+    keys = jax.vmap(lambda i: jax.random.fold_in(client_key, i))(d.global_id(ids_f))
     orders = client_lib.epoch_orders(keys, n, shape, algo.shuffle, shuffle_method)
     job = client_lib.ClientJob(d.offsets[ids_f], n, jnp.where(n > 0, steps, 0), orders)
     return jax.tree.map(lambda a: a.reshape(*ids.shape, *a.shape[1:]), job)
@@ -428,11 +491,11 @@ def build_engine(model, algo: Algorithm, train, plan: Plan, cohort_size: int, tr
         def update():
           job = job_c if bucket.dense else client_jobs(d, ids_c, returns_c, straggler_c, u_c,
                                                       client_key, h, bucket.shape)
-          chunk_states = None if states is None else gather_states(states, ids_c)
+          chunk_states = None if states is None else gather_states(states, d.global_id(ids_c))
           return train_chunk(d, state, hp, r, job, chunk_states, returns_c, bucket.shape)
         sums, new_states = lax.cond(jnp.any(returns_c), update, zeros_of(update))
         total = total.combine(sums)
-        return (total, scatter_states(states, ids_c, returns_c, new_states)), None
+        return (total, scatter_states(states, d.global_id(ids_c), returns_c, new_states)), None
 
       chunks = (ids, returns, straggler, u, jobs)
       if bucket.num_chunks == 1:
@@ -470,23 +533,30 @@ def build_engine(model, algo: Algorithm, train, plan: Plan, cohort_size: int, tr
       hooks.round_steps is not None)}
 
   if plan.name != "host_loop":
-    def block(state, d, eval_data, key, hp, rounds, active, do_eval):
+    def block(state, d, eval_data, key, hp, rounds, active, do_eval, round_data=None):
       def body(state, xs):
-        r, act, ev = xs
-        state, stats = lax.cond(act, lambda s: device_round(d, key, s, hp, r),
+        r, act, ev, d_r = xs
+        d_r = d if d_r is None else d_r  # streamed: this round's cohort data
+        state, stats = lax.cond(act, lambda s: device_round(d_r, key, s, hp, r),
                                 lambda s: (s, no_stats), state)
-        metrics = evaluated_metrics(state.params, d, eval_data, act & ev)
+        metrics = evaluated_metrics(state.params, d_r, eval_data, act & ev)
         metrics.update(stats, finite=finite(state.params))
         return state, metrics
-      return lax.scan(body, state, (rounds, active, do_eval))
+      return lax.scan(body, state, (rounds, active, do_eval, round_data))
 
     if sweep:
-      data_axes = DeviceData(None, None, 0, 0, 0)
+      data_axes = DeviceData(None, None, 0, 0, 0, None)
       block = jax.vmap(block, in_axes=(0, data_axes, 0, 0, 0, None, None, None))
       init_state = jax.vmap(init_state)
     block_j = jax.jit(block, donate_argnums=0)
     def run_block(state, rounds, active, do_eval):
-      return block_j(state, data, eval_data, train_key, hparams, rounds, active, do_eval)
+      if not streaming:
+        return block_j(state, data, eval_data, train_key, hparams, rounds, active, do_eval)
+      rounds = np.asarray(rounds)
+      out = block_j(state, None, eval_data, train_key, hparams, rounds, active, do_eval,
+                    stream.take(train_key, rounds))
+      stream.prefetch(train_key, rounds + len(rounds))  # overlaps the block just dispatched
+      return out
     run_block.compiled = block_j  # for inspection (compile counts, memory analysis)
     return Engine(run_block, init_state, buckets, groups, plan)
 

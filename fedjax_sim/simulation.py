@@ -182,7 +182,7 @@ def simulate(algorithm: Algorithm, model: Model, train: FederatedData, rounds: i
              eval_every: int = 1, plan: str = "auto", chunk_size: int | None = None,
              rounds_per_block: int | None = None, bucketing: bool = True,
              system: systems.Heterogeneity | None = None, dissimilarity: bool = False,
-             callback: Callable[[list[dict]], None] | None = None) -> SimulationResult:
+             population: str = "device", callback: Callable[[list[dict]], None] | None = None) -> SimulationResult:
   """Simulates ``rounds`` rounds of federated training.
 
   Args:
@@ -203,6 +203,10 @@ def simulate(algorithm: Algorithm, model: Model, train: FederatedData, rounds: i
     system: stragglers and dropouts (:class:`fedjax_sim.Heterogeneity`); ``None``: all finish.
     dissimilarity: also measure the gradient dissimilarity ``E_k‖∇F_k(w) − ∇f(w)‖²`` over the
       training population at evaluated rounds (one full-gradient pass per evaluation).
+    population: ``"device"`` (the training population lives on the device) or ``"host"`` (it stays
+      in host memory and each block's cohorts are streamed in, double-buffered; for populations
+      larger than device memory). Same results; with ``"host"`` only ``test`` is evaluated (the
+      whole training population never reaches the device).
     callback: called after each block with the new history rows (dicts), e.g. to log them.
 
   Returns:
@@ -216,6 +220,12 @@ def simulate(algorithm: Algorithm, model: Model, train: FederatedData, rounds: i
       algorithm, model, train, test, rounds, clients_per_round, client_fraction, seed, eval_every,
       plan, chunk_size, rounds_per_block)
   system = systems.check(system)
+  if population not in ("device", "host"):
+    raise ValueError(f"population must be 'device' or 'host', got {population!r}")
+  streaming = population == "host"
+  if streaming and (dissimilarity or plan == "host_loop"):
+    raise ValueError("population='host' streams cohorts into compiled blocks: it cannot run "
+                     "plan='host_loop' or measure the population-wide dissimilarity")
   key = jax.random.key(int(seed))
   params = initial_params(model, seed, init_params)
   _check_labels(model, params, train, "train")
@@ -226,16 +236,21 @@ def simulate(algorithm: Algorithm, model: Model, train: FederatedData, rounds: i
   batch = algorithm.batch_size or int(train.num_examples.max())
   chosen = choose_plan(plan, chunk_size, model, params, train.feature_shape, batch, backend,
                        train.x.dtype)
-  eval_sets = {"train": train} if test is None else {"train": train, "test": test}
+  if chosen.name == "host_loop" and streaming:
+    chosen = round_lib.Plan("chunked", auto_chunk_size(num_params(params), batch), chosen.unroll)
+  eval_sets = {} if streaming else {"train": train}
+  if test is not None:
+    eval_sets["test"] = test
   evaluate = evaluator(model, eval_sets, chosen.unroll)
   eval_data = [metrics_lib.eval_arrays(d) for d in eval_sets.values()]
   engine = round_lib.build_engine(model, algorithm, train, chosen, cohort_size,
                                   jax.random.fold_in(key, STREAM_TRAIN), evaluate, eval_data,
                                   bucketing, system,
                                   metrics_lib.gradient_dissimilarity(model)
-                                  if dissimilarity else None)
+                                  if dissimilarity else None, streaming=streaming)
   info = {
       "plan": chosen.name, "chunk_size": chosen.chunk_size, "unroll": chosen.unroll,
+      "population": population,
       "backend": backend, "cohort_size": cohort_size, "rounds_per_block": block_len,
       "num_buckets": len(engine.buckets),
       "bucket_max_examples": [b.shape.max_examples for b in engine.buckets],

@@ -91,3 +91,19 @@ def test_init_params_survive_donation(setup):
   init = model.init(jax.random.key(7))
   fs.simulate(algo, model, fd, rounds=2, init_params=init)
   assert all(np.all(np.isfinite(np.asarray(a))) for a in jax.tree.leaves(init))  # still readable
+
+
+def test_streamed_population_gives_the_device_path_numbers(setup):
+  """population='host' gathers each round's cohort on the host; same cohorts, keys and buckets."""
+  fd, model, algo = setup
+  args = dict(rounds=5, clients_per_round=4, seed=3, eval_every=2, rounds_per_block=2,
+              system=fs.Heterogeneity(0.3, "partial", 0.2))
+  for algorithm in (algo, fs.algorithms.scaffold(client_lr=0.1, local_epochs=2, batch_size=4)):
+    device = fs.simulate(algorithm, model, fd, test=fd, **args)
+    host = fs.simulate(algorithm, model, fd, test=fd, population="host", **args)
+    assert host.info["population"] == "host" and "train_loss" not in host.history
+    for x, y in zip(jax.tree.leaves(device.state), jax.tree.leaves(host.state)):
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert device.history["test_loss"] == host.history["test_loss"]
+  with pytest.raises(ValueError, match="population"):
+    fs.simulate(algo, model, fd, population="disk")

@@ -283,8 +283,8 @@ def device_data(trains, bucket_of: np.ndarray) -> DeviceData:
   """The population on device. For a sweep (a list of datasets) the runs' examples are
   concatenated into one shared ``x``/``y`` (each run's ``offsets`` point into its own rows) and the
   per-client arrays are stacked ``[runs, num_clients]``: vmapping over runs then batches only the
-  row indices, never the example arrays (a gather from a run-batched array costs XLA:CPU time in
-  proportion to the data, every local step)."""
+  row indices, and no run is padded to the largest run's row count. (On the FedProx sweep this
+  measured the same speed as stacking padded per-run arrays; it saves their memory.)"""
   if not isinstance(trains, (list, tuple)):
     return DeviceData(*trains.device_arrays(), jnp.asarray(trains.offsets, jnp.int32),
                       jnp.asarray(trains.num_examples, jnp.int32), jnp.asarray(bucket_of))

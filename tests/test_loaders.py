@@ -490,7 +490,7 @@ def test_public_files_are_fedjax_sqlite_urls():
 
 @pytest.mark.parametrize("partition", ["iid", "dirichlet", "shards", "quantity_skew"])
 def test_digits_partitions(partition):
-  pytest.importorskip("sklearn")
+  # scikit-learn is a test dependency (pyproject [test]): a missing one must fail, not skip
   from fedjax_sim.datasets.digits import load_digits_federated
   train, test = load_digits_federated(partition, num_clients=10, alpha=0.3, seed=7)
   assert train.num_clients == 10 and train.feature_shape == (64,)
@@ -507,7 +507,7 @@ def test_digits_partitions(partition):
 
 
 def test_digits_dirichlet_is_label_skewed_and_registry():
-  pytest.importorskip("sklearn")
+  # scikit-learn is a test dependency (pyproject [test]): a missing one must fail, not skip
   from fedjax_sim.datasets.digits import load_digits_federated
   from fedjax_sim.partition import label_distribution
   iid, _ = load_digits_federated("iid", num_clients=10, seed=0)

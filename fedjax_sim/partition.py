@@ -41,16 +41,6 @@ from fedjax_sim.data import DataError, FederatedData
 _DISTRIBUTIONS = ("lognormal", "power_law")
 
 
-def _int(name: str, value, allow_none: bool = False):
-  """``positive_int`` that also accepts NumPy integers."""
-  return positive_int(name, int(value) if isinstance(value, np.integer) else value, allow_none)
-
-
-def _float(name: str, value) -> float:
-  """``positive_float`` that also accepts NumPy scalars."""
-  return positive_float(name, value.item() if isinstance(value, np.generic) else value)
-
-
 def _rng(seed) -> np.random.Generator:
   if isinstance(seed, np.integer):
     seed = int(seed)
@@ -74,7 +64,7 @@ def _arrays(x, y) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _num_clients(num_clients, n: int) -> int:
-  num_clients = _int("num_clients", num_clients)
+  num_clients = positive_int("num_clients", num_clients)
   if num_clients > n:
     raise ValueError(f"num_clients={num_clients} exceeds the {n} examples (every client needs one)")
   return num_clients
@@ -140,8 +130,8 @@ def dirichlet(x, y, num_clients: int, alpha: float, seed: int, min_size: int = 1
   x, y = _arrays(x, y)
   _integer_labels(y, "dirichlet")
   k = _num_clients(num_clients, len(y))
-  alpha = _float("alpha", alpha)
-  min_size, max_tries = _int("min_size", min_size), _int("max_tries", max_tries)
+  alpha = positive_float("alpha", alpha)
+  min_size, max_tries = positive_int("min_size", min_size), positive_int("max_tries", max_tries)
   rng = _rng(seed)
   if k * min_size > len(y):
     raise DataError(f"dirichlet: num_clients={k} clients of min_size={min_size} need "
@@ -182,8 +172,8 @@ def shards(x, y, num_clients: int, shards_per_client: int, seed: int,
   x, y = _arrays(x, y)
   n = len(y)
   k = _num_clients(num_clients, n)
-  per_client = _int("shards_per_client", shards_per_client)
-  shard_size = _int("shard_size", shard_size, allow_none=True)
+  per_client = positive_int("shards_per_client", shards_per_client)
+  shard_size = positive_int("shard_size", shard_size, allow_none=True)
   rng = _rng(seed)
   total = k * per_client
   if shard_size is None and n < total:
@@ -228,10 +218,10 @@ def quantity_skew(x, y, num_clients: int, seed: int, distribution: str = "lognor
   x, y = _arrays(x, y)
   n = len(y)
   k = _num_clients(num_clients, n)
-  min_size = _int("min_size", min_size)
+  min_size = positive_int("min_size", min_size)
   if distribution not in _DISTRIBUTIONS:
     raise ValueError(f"distribution must be one of {_DISTRIBUTIONS}, got {distribution!r}")
-  sigma, exponent = _float("sigma", sigma), _float("exponent", exponent)
+  sigma, exponent = positive_float("sigma", sigma), positive_float("exponent", exponent)
   rng = _rng(seed)
   if k * min_size > n:
     raise DataError(f"quantity_skew: num_clients={k} clients of min_size={min_size} need "
@@ -285,7 +275,7 @@ def label_distribution(fd: FederatedData, num_classes: int | None = None) -> np.
   if num_classes is None:
     num_classes = top
   else:
-    num_classes = _int("num_classes", num_classes)
+    num_classes = positive_int("num_classes", num_classes)
     if top > num_classes:
       raise ValueError(f"num_classes={num_classes} but a label equals {top - 1}")
   client = np.repeat(np.arange(fd.num_clients), fd.num_examples)

@@ -106,15 +106,20 @@ def auto_chunk_size(param_count: int, batch: int) -> int:
 
 
 def choose_plan(plan: str, chunk_size: int | None, model: Model, params, feature_shape,
-                batch: int, backend: str, x_dtype=jnp.float32) -> round_lib.Plan:
-  """Resolves ``plan="auto"`` per backend and model size; validates explicit choices."""
+                batch: int, backend: str, x_dtype=jnp.float32,
+                compiled_block: bool = False) -> round_lib.Plan:
+  """Resolves ``plan="auto"`` per backend and model size; validates explicit choices.
+
+  ``compiled_block``: the caller needs every round inside one compiled block (sweeps, streamed
+  populations), so ``auto`` never picks ``host_loop``.
+  """
   x_dtype = jax.dtypes.canonicalize_dtype(x_dtype)
   conv = contains_convolution(model.apply, params, jnp.zeros((1, *feature_shape), x_dtype))
   unroll = conv and backend == "cpu"
   if plan == "auto":
     if backend != "cpu":
       plan = "vmap" if chunk_size is None else "chunked"
-    elif conv:
+    elif conv and not compiled_block:
       plan, chunk_size = "host_loop", chunk_size or 1
     else:
       plan = "chunked"
@@ -235,9 +240,7 @@ def simulate(algorithm: Algorithm, model: Model, train: FederatedData, rounds: i
   backend = jax.default_backend()
   batch = algorithm.batch_size or int(train.num_examples.max())
   chosen = choose_plan(plan, chunk_size, model, params, train.feature_shape, batch, backend,
-                       train.x.dtype)
-  if chosen.name == "host_loop" and streaming:
-    chosen = round_lib.Plan("chunked", auto_chunk_size(num_params(params), batch), chosen.unroll)
+                       train.x.dtype, compiled_block=streaming)
   eval_sets = {} if streaming else {"train": train}
   if test is not None:
     eval_sets["test"] = test
@@ -294,10 +297,13 @@ def initial_params(model: Model, seed: int, init_params=None):
   return jax.tree.map(lambda a: jnp.array(a, copy=True), params)
 
 
-def evaluator(model: Model, eval_sets: dict, unroll: bool, rows: int | None = None):
-  """``fn(params, [arrays per set]) -> metrics`` of every named evaluation set."""
-  evaluators = [metrics_lib.dataset_evaluator(model, rows or d.total_examples, name, unroll,
-                                              d.num_clients) for name, d in eval_sets.items()]
+def evaluator(model: Model, eval_sets: dict, unroll: bool, rows: dict | None = None):
+  """``fn(params, [arrays per set]) -> metrics`` of every named evaluation set; ``rows[name]``
+  is a set's padded row count (default its own size)."""
+  rows = rows or {}
+  evaluators = [metrics_lib.dataset_evaluator(model, rows.get(name, d.total_examples), name,
+                                              unroll, d.num_clients)
+                for name, d in eval_sets.items()]
   return lambda p, arrays: {k: v for ev, xy in zip(evaluators, arrays) for k, v in ev(p, xy).items()}
 
 

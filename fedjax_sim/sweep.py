@@ -96,17 +96,13 @@ def simulate_sweep(algorithm: Algorithm, model: Model, trains, seeds: Sequence[i
   backend = jax.default_backend()
   batch = algorithm.batch_size or max(int(t.num_examples.max()) for t in trains)
   chosen = sim.choose_plan(plan, chunk_size, model, params[0], trains[0].feature_shape, batch,
-                           backend, trains[0].x.dtype)
-  if chosen.name == "host_loop":  # one compiled program is the point of a sweep
-    chosen = round_lib.Plan("chunked", sim.auto_chunk_size(sum(
-        a.size for a in jax.tree.leaves(params[0])), batch), chosen.unroll)
+                           backend, trains[0].x.dtype, compiled_block=True)
 
   names = ["train"] + (["test"] if tests[0] is not None else [])
   sets = [trains] + ([tests] if tests[0] is not None else [])
   rows = [max(d.total_examples for d in data) for data in sets]
-  evaluators = [metrics_lib.dataset_evaluator(model, r, n, chosen.unroll, data[0].num_clients)
-                for n, r, data in zip(names, rows, sets)]
-  evaluate = lambda p, arrays: {k: v for ev, a in zip(evaluators, arrays) for k, v in ev(p, a).items()}
+  evaluate = sim.evaluator(model, {n: data[0] for n, data in zip(names, sets)}, chosen.unroll,
+                           dict(zip(names, rows)))
   stack = lambda trees: jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
   eval_data = [stack([metrics_lib.eval_arrays(d, r) for d in data]) for data, r in zip(sets, rows)]
   keys = jnp.stack([jax.random.fold_in(jax.random.key(int(s)), sim.STREAM_TRAIN) for s in seeds])

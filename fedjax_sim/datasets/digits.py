@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from fedjax_sim import partition as partitions
 from fedjax_sim.data import FederatedData
 
-PARTITIONS = ("iid", "dirichlet", "shards", "quantity_skew")
+# every scheme except by_id, which needs ids the digits do not have
+PARTITIONS = tuple(s for s in partitions.SCHEMES if s != "by_id")
 NUM_CLASSES = 10
 
 
@@ -64,7 +66,6 @@ def load_digits_federated(partition: str = "dirichlet", num_clients: int = 20, a
     ValueError: unknown ``partition`` or ``test_fraction`` outside ``[0, 1)``, or a bad argument
       for the partitioner.
   """
-  from fedjax_sim import partition as partitions
 
   if partition not in PARTITIONS:
     raise ValueError(f"partition must be one of {PARTITIONS}, got {partition!r}")

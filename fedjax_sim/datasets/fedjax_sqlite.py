@@ -51,14 +51,19 @@ def _shape(value) -> tuple[int, ...]:
   return tuple(value)
 
 
-def _ndarray_from_ext(data: bytes) -> np.ndarray:
+def _ext_parts(data: bytes, count: int, what: str, layout: str) -> list:
+  """The ``count`` msgpack fields of an extension's payload, or _Malformed naming ``what``."""
   try:
     parts = msgpack.unpackb(data, raw=True)
   except (ValueError, msgpack.UnpackException) as e:
-    raise _Malformed(f"array header does not decode ({e})") from None
-  if not isinstance(parts, (list, tuple)) or len(parts) != 3:
-    raise _Malformed("array header is not (shape, dtype, bytes)")
-  shape, name, buffer = parts
+    raise _Malformed(f"{what} header does not decode ({e})") from None
+  if not isinstance(parts, (list, tuple)) or len(parts) != count:
+    raise _Malformed(f"{what} is not {layout}")
+  return list(parts)
+
+
+def _ndarray_from_ext(data: bytes) -> np.ndarray:
+  shape, name, buffer = _ext_parts(data, 3, "array", "(shape, dtype, bytes)")
   shape = _shape(shape)
   if not isinstance(name, bytes) or not isinstance(buffer, bytes):
     raise _Malformed("array dtype name or data is not a byte string")
@@ -76,13 +81,8 @@ def _ndarray_from_ext(data: bytes) -> np.ndarray:
 
 
 def _bytes_ndarray_from_ext(data: bytes) -> np.ndarray:
-  try:
-    parts = msgpack.unpackb(data, raw=True)
-  except (ValueError, msgpack.UnpackException) as e:
-    raise _Malformed(f"bytes-array header does not decode ({e})") from None
-  if not isinstance(parts, (list, tuple)) or len(parts) != 2:
-    raise _Malformed("bytes array is not (shape, [bytes...])")
-  shape, flat = _shape(parts[0]), parts[1]
+  shape, flat = _ext_parts(data, 2, "bytes-array", "(shape, [bytes...])")
+  shape = _shape(shape)
   if not isinstance(flat, list) or not all(isinstance(b, bytes) for b in flat):
     raise _Malformed("bytes array items are not byte strings")
   if len(flat) != int(np.prod(shape)):

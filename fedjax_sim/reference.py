@@ -1,7 +1,9 @@
-"""Plain NumPy FedAvg: one client at a time, one mini-batch at a time.
+"""Plain NumPy FedAvg, SCAFFOLD and FedNova: one client at a time, one mini-batch at a time.
 
-This is the slow, obviously-correct implementation the engine is tested against (to 1e-5) and the
-"seed-style NumPy loop" baseline of ``benchmarks/engine.py``. Models: ``"linear"`` (``½(w·x+b−y)²``),
+These are the slow, obviously-correct implementations the engine is tested against (to 1e-5);
+:func:`fedavg` is also the "seed-style NumPy loop" baseline of ``benchmarks/engine.py``. Epoch
+orders come from a ``numpy.random.Generator``, in order, or from an ``orders`` function that
+replays the engine's own permutations (so the shuffled path is checked, not only in-order batches). Models: ``"linear"`` (``½(w·x+b−y)²``),
 ``"softmax"`` (multinomial logistic regression) and ``"mlp"`` (ReLU hidden layers, softmax output).
 Params use the layout of :mod:`fedjax_sim.models` (``{"kernel", "bias"}`` or a list of them).
 """
@@ -51,28 +53,54 @@ def _tree(fn, *trees):
   return fn(*trees)
 
 
-def local_sgd(kind, params, x, y, lr, epochs, batch_size, rng=None):
-  """E epochs of mini-batch SGD; ``rng`` reshuffles each epoch (``None``: in order)."""
+def local_sgd(kind, params, x, y, lr, epochs, batch_size, rng=None, orders=None, correction=None):
+  """E epochs of mini-batch SGD on one client.
+
+  Args:
+    rng: reshuffles each epoch (``None``: in order).
+    orders: ``[epochs, n]`` example order of each epoch (overrides ``rng``).
+    correction: a params-shaped tree added to every mini-batch gradient (SCAFFOLD's ``c − c_i``).
+
+  Returns the final params; :func:`local_sgd_steps` also returns the number of steps taken.
+  """
+  return local_sgd_steps(kind, params, x, y, lr, epochs, batch_size, rng, orders, correction)[0]
+
+
+def local_sgd_steps(kind, params, x, y, lr, epochs, batch_size, rng=None, orders=None,
+                    correction=None):
+  """:func:`local_sgd` returning ``(params, number of steps τ)``."""
   n = len(x)
   b = n if batch_size is None else batch_size
   w = _tree(np.copy, params)
-  for _ in range(epochs):
-    order = np.arange(n) if rng is None else rng.permutation(n)
+  steps = 0
+  for e in range(epochs):
+    if orders is not None:
+      order = np.asarray(orders[e])[:n]
+    else:
+      order = np.arange(n) if rng is None else rng.permutation(n)
     for start in range(0, n, b):
       idx = order[start:start + b]
       g = grad(kind, w, x[idx], y[idx])
+      if correction is not None:
+        g = _tree(lambda q, c: q + c, g, correction)
       w = _tree(lambda p, q: p - p.dtype.type(lr) * q, w, g)
-  return w
+      steps += 1
+  return w, steps
+
+
+def _orders_of(orders, r, k):
+  return None if orders is None else orders(r, k)
 
 
 def fedavg(kind, params, clients, rounds, lr, epochs, batch_size, cohort=None, rng=None,
-           weighting="num_examples", dtype=np.float64):
+           weighting="num_examples", dtype=np.float64, orders=None):
   """FedAvg over ``clients`` (a list of ``(x, y)``).
 
   Args:
     cohort: ``fn(round) -> client indices``; default every client every round.
     rng: a ``numpy.random.Generator`` for the epoch shuffles (``None``: in-order batches).
     dtype: arithmetic precision (float64 for tests, float32 for fair timing).
+    orders: ``fn(round, client) -> [epochs, n]`` epoch orders (replaces ``rng``).
   """
   w = _tree(lambda a: np.asarray(a, dtype), params)
   for r in range(1, rounds + 1):
@@ -80,9 +108,61 @@ def fedavg(kind, params, clients, rounds, lr, epochs, batch_size, cohort=None, r
     total, acc = 0.0, None
     for k in ids:
       x, y = clients[k]
-      wk = local_sgd(kind, w, x, y, lr, epochs, batch_size, rng)
+      wk = local_sgd(kind, w, x, y, lr, epochs, batch_size, rng, _orders_of(orders, r, k))
       weight = dtype(len(x)) if weighting == "num_examples" else 1.0
       acc = _tree(lambda a: weight * a, wk) if acc is None else _tree(lambda a, b: a + weight * b, acc, wk)
       total += weight
     w = _tree(lambda a: a / dtype(total), acc)
   return w
+
+
+def fednova(kind, params, clients, rounds, lr, epochs, batch_size, cohort=None, orders=None):
+  """FedNova with plain client SGD (Wang et al. 2020): client ``k`` sends ``Δ_k / τ_k``; the server
+  adds ``τ_eff Σ p_k Δ_k / τ_k`` with ``p_k = n_k / Σ n_j`` and ``τ_eff = Σ p_k τ_k`` (float64)."""
+  w = _tree(lambda a: np.asarray(a, np.float64), params)
+  for r in range(1, rounds + 1):
+    ids = list(range(len(clients)) if cohort is None else cohort(r))
+    total = float(sum(len(clients[k][0]) for k in ids))
+    tau_eff, acc = 0.0, _tree(np.zeros_like, w)
+    for k in ids:
+      x, y = clients[k]
+      wk, tau = local_sgd_steps(kind, w, x, y, lr, epochs, batch_size,
+                                orders=_orders_of(orders, r, k))
+      p = len(x) / total
+      tau_eff += p * tau
+      acc = _tree(lambda a, b, c: a + p * (b - c) / tau, acc, wk, w)
+    w = _tree(lambda a, d: a + tau_eff * d, w, acc)
+  return w
+
+
+def scaffold(kind, params, clients, rounds, lr, epochs, batch_size, server_lr=1.0, option="II",
+             cohort=None, orders=None):
+  """SCAFFOLD (Karimireddy et al. 2020, Algorithm 1) in float64; returns ``(x, c, [c_i])``.
+
+  Client: ``y ← y − η(g(y) − c_i + c)`` for ``K`` steps; option I ``c_i⁺ = ∇f_i(x)``, option II
+  ``c_i⁺ = c_i − c + (x − y)/(Kη)``. Server (unweighted means over the cohort ``S`` of ``N``):
+  ``x ← x + η_g mean(Δy)``, ``c ← c + |S|/N · mean(Δc)``.
+  """
+  x_global = _tree(lambda a: np.asarray(a, np.float64), params)
+  zeros = lambda: _tree(np.zeros_like, x_global)
+  c, c_clients = zeros(), [zeros() for _ in clients]
+  for r in range(1, rounds + 1):
+    ids = list(range(len(clients)) if cohort is None else cohort(r))
+    sum_dy, sum_dc = zeros(), zeros()
+    for k in ids:
+      x, y = clients[k]
+      corr = _tree(lambda a, b: a - b, c, c_clients[k])
+      yk, steps = local_sgd_steps(kind, x_global, x, y, lr, epochs, batch_size,
+                                  orders=_orders_of(orders, r, k), correction=corr)
+      if option == "I":
+        new_ci = grad(kind, x_global, x, y)
+      else:
+        new_ci = _tree(lambda ci, cc, a, b: ci - cc + (a - b) / (steps * lr), c_clients[k], c,
+                       x_global, yk)
+      sum_dy = _tree(lambda s, a, b: s + (a - b), sum_dy, yk, x_global)
+      sum_dc = _tree(lambda s, a, b: s + (a - b), sum_dc, new_ci, c_clients[k])
+      c_clients[k] = new_ci
+    m, n = len(ids), len(clients)
+    x_global = _tree(lambda a, d: a + server_lr * d / m, x_global, sum_dy)
+    c = _tree(lambda a, d: a + (m / n) * d / m, c, sum_dc)
+  return x_global, c, c_clients

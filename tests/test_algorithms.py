@@ -8,9 +8,10 @@ import pytest
 
 import fedjax_sim as fs
 from fedjax_sim import algorithms as alg
-from fedjax_sim import metrics, systems
+from fedjax_sim import metrics, reference, systems
 from fedjax_sim.algorithms.fednova import aggregation_norm
 from fedjax_sim.simulation import STREAM_TRAIN
+from helpers import cohort, replay_orders, to_numpy
 
 
 def _leaves(params):
@@ -125,6 +126,46 @@ def test_heterogeneous_quadratics_fedavg_is_biased_scaffold_is_not():
   np.testing.assert_allclose(scaf.params["kernel"][:, 0], optimum, atol=1e-4)
 
 
+def _clients(fd):
+  return [fd.client(i) for i in range(fd.num_clients)]
+
+
+def _init(model):
+  return to_numpy(jax.tree.map(lambda a: a + 0.1, model.init(jax.random.key(0))))
+
+
+@pytest.mark.parametrize("option", ["I", "II"])
+def test_scaffold_matches_numpy_with_epochs_and_unequal_sizes(classification, option):
+  """Three rounds, 4 of 6 clients, E = 2 reshuffled epochs of unequal lengths (K_i differs),
+  server step 0.7: x, c and every client's c_i against Algorithm 1 in float64."""
+  fd, model = classification
+  init, seed, m = _init(model), 3, 4
+  res = fs.simulate(alg.scaffold(client_lr=0.1, server_lr=0.7, local_epochs=2, batch_size=4,
+                                 option=option), model, fd, rounds=3, clients_per_round=m,
+                    seed=seed, init_params=init)
+  clients = _clients(fd)
+  x, c, c_i = reference.scaffold("softmax", init, clients, 3, 0.1, 2, 4, server_lr=0.7,
+                                 option=option, cohort=lambda r: cohort(seed, r, len(clients), m),
+                                 orders=replay_orders(seed, clients, 2))
+  _close(res.params, x)
+  _close(res.state.extra, c)
+  _close(res.state.client_states, jax.tree.map(lambda *a: np.stack(a), *c_i))
+
+
+def test_scaffold_option_i_control_is_the_full_gradient_at_the_server_model(classification):
+  """After one round, a sampled client's c_i is ∇f_i(x₀) — not the gradient at its final point."""
+  fd, model = classification
+  init = _init(model)
+  res = fs.simulate(alg.scaffold(client_lr=0.1, local_epochs=2, batch_size=4, option="I"), model,
+                    fd, rounds=1, clients_per_round=4, seed=3, init_params=init)
+  sampled = cohort(3, 1, fd.num_clients, 4)
+  for i in range(fd.num_clients):
+    got = jax.tree.map(lambda a: np.asarray(a[i]), res.state.client_states)
+    want = (reference.grad("softmax", init, *fd.client(i)) if i in sampled
+            else jax.tree.map(np.zeros_like, init))
+    _close(got, want)
+
+
 # I7 and the FedOpt family ----------------------------------------------------------------------
 
 def test_fedavgm_without_momentum_and_sgd_server_are_fedavg(classification):
@@ -201,6 +242,19 @@ def test_fednova_equals_fedavg_when_all_clients_take_the_same_steps(classificati
   args = dict(rounds=3, clients_per_round=4, seed=4)
   _close(fs.simulate(alg.fedavg(client_lr=0.1, **kw), model, fd, **args).params,
          fs.simulate(alg.fednova(client_lr=0.1, **kw), model, fd, **args).params, 1e-5)
+
+
+def test_fednova_matches_numpy_with_epochs_and_unequal_sizes(classification):
+  """τ_k = E·⌈n_k/B⌉ differs between clients: Δ = τ_eff Σ p_k Δ_k/τ_k against a float64 loop."""
+  fd, model = classification
+  init, seed, m = _init(model), 2, 4
+  res = fs.simulate(alg.fednova(client_lr=0.1, local_epochs=2, batch_size=4), model, fd,
+                    rounds=3, clients_per_round=m, seed=seed, init_params=init)
+  clients = _clients(fd)
+  expected = reference.fednova("softmax", init, clients, 3, 0.1, 2, 4,
+                               cohort=lambda r: cohort(seed, r, len(clients), m),
+                               orders=replay_orders(seed, clients, 2))
+  _close(res.params, expected)
 
 
 def test_fednova_aggregation_norms():
@@ -353,6 +407,25 @@ def test_drift_is_zero_for_identical_clients_and_positive_otherwise(classificati
   varied = fs.simulate(algo, model, fd, rounds=2)
   assert min(varied.history["drift"]) > 0
   assert all(a <= b for a, b in zip(varied.history["update_norm_mean"], varied.history["update_norm_max"]))
+
+
+def test_drift_and_update_norms_match_their_formulas(classification):
+  """One round, full participation, in-order batches: drift Σ p_k‖θ_k − θ̄‖² with p_k = n_k/Σn,
+  and the mean and max of ‖θ_k − θ‖, from client models trained by the NumPy loop."""
+  fd, model = classification
+  init = _init(model)
+  res = fs.simulate(alg.fedavg(client_lr=0.1, local_epochs=2, batch_size=4, shuffle=False), model,
+                    fd, rounds=1, init_params=init)
+  flat = lambda tree: np.concatenate([np.ravel(a) for a in jax.tree.leaves(tree)])
+  thetas = np.stack([flat(reference.local_sgd("softmax", init, x, y, 0.1, 2, 4))
+                     for x, y in _clients(fd)])
+  p = fd.num_examples / fd.num_examples.sum()
+  mean = p @ thetas
+  norms = np.linalg.norm(thetas - flat(init), axis=1)
+  np.testing.assert_allclose(res.history["drift"][0], p @ ((thetas - mean) ** 2).sum(1), rtol=1e-4)
+  np.testing.assert_allclose(res.history["update_norm_mean"][0], norms.mean(), rtol=1e-5)
+  np.testing.assert_allclose(res.history["update_norm_max"][0], norms.max(), rtol=1e-5)
+  assert res.history["participants"][0] == fd.num_clients
 
 
 def test_per_client_accuracy_percentiles():

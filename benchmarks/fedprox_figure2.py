@@ -17,6 +17,9 @@ and the paper's claims checked), ``fedprox_figure2.json`` (every curve and the t
 (each compiles its own program) and reports the sweep's speed-up over running all runs that way,
 estimated from those N.
 
+``--from-json FILE`` re-renders ``FILE``'s ``.md`` (and the claims in ``FILE``) from the curves and
+timings saved in it, without running anything.
+
 Usage: ``python benchmarks/fedprox_figure2.py [--seeds 3] [--rounds 200] [--sequential 2]``.
 """
 
@@ -92,13 +95,16 @@ def time_sequential(runs, rounds: int, count: int) -> float:
   return float(np.mean(seconds))
 
 
-def summarize(runs, results):
-  """{dataset: {mu: {"loss": [seeds, rounds], "dissimilarity": [seeds, rounds]}}}."""
+def summarize(saved):
+  """{dataset: {mu: {"loss": [seeds, rounds], "dissimilarity": [seeds, rounds]}}} from the saved
+  results (``runs``, ``train_loss`` and ``grad_dissimilarity``, in run order)."""
   table = {}
-  for (name, mu, _, _), res in zip(runs, results):
-    entry = table.setdefault(name, {}).setdefault(mu, {"loss": [], "dissimilarity": []})
-    entry["loss"].append(res.history["train_loss"])
-    entry["dissimilarity"].append(res.history["grad_dissimilarity"])
+  for run, loss, dissimilarity in zip(saved["runs"], saved["train_loss"],
+                                      saved["grad_dissimilarity"]):
+    entry = table.setdefault(run["dataset"], {}).setdefault(float(run["mu"]),
+                                                             {"loss": [], "dissimilarity": []})
+    entry["loss"].append(loss)
+    entry["dissimilarity"].append(dissimilarity)
   return table
 
 
@@ -118,7 +124,7 @@ def claims(table) -> list[tuple[str, bool, str]]:
       out.append((f"{name}: μ = 1 ends lower than μ = 0", bool(l1.mean() < l0.mean()),
                   f"final loss μ=0 {l0.mean():.3f}, μ=1 {l1.mean():.3f}"))
       out.append((f"{name}: μ = 1 is less jittery", bool(j1 < j0),
-                  f"mean |Δloss|/round μ=0 {j0:.3f}, μ=1 {j1:.3f}"))
+                  f"mean |Δloss|/round μ=0 {j0:.3f}, μ=1 {j1:.3f} (ratio {j1 / j0:.2f})"))
   return out
 
 
@@ -147,6 +153,48 @@ def plot(table, rounds: int, path: str) -> None:
   plt.close(fig)
 
 
+def markdown(saved, table, checked) -> list[str]:
+  """The ``.md`` report, from the saved results alone."""
+  runs, rounds, groups = len(saved["runs"]), len(saved["train_loss"][0]), saved["sweeps"]
+  lines = [f"# FedProx Figure 2, reproduced ({runs} runs, {rounds} rounds)", "",
+           f"{len(groups)} `simulate_sweep` call(s) "
+           f"({'one per data seed' if len(groups) > 1 else 'all runs'}): "
+           f"**{saved['sweep_seconds']:.1f} s** wall on {saved['machine']} ({saved['cores']} cores, "
+           f"backend {saved['backend']}), compilation included.", ""]
+  lines += [f"- sweep of {g['runs']} runs (largest client {g['largest_client']} examples): "
+            f"{g['seconds']:.1f} s, first block of {min(rounds, 50)} rounds incl. compilation "
+            f"{g['first_block']:.1f} s" for g in groups] + [""]
+  sequential = saved["sequential_seconds_per_run"]
+  if sequential is not None:
+    lines += [f"Sequential baseline: {sequential:.1f} s per run with `simulate` (mean of "
+              f"{saved['sequential_runs']}), i.e. about {sequential * runs:.0f} s for all {runs} "
+              f"runs; the sweep is {sequential * runs / saved['sweep_seconds']:.1f}× faster.", ""]
+  lines += ["| dataset | μ | final training loss (mean ± std over seeds) | final dissimilarity |",
+            "|---|---|---|---|"]
+  for name, _ in DATASETS:
+    for mu in MUS:
+      loss = np.asarray(table[name][mu]["loss"])[:, -1]
+      dis = np.asarray(table[name][mu]["dissimilarity"])[:, -1]
+      lines.append(f"| {name} | {mu:g} | {loss.mean():.4f} ± {loss.std():.4f} | {dis.mean():.3g} |")
+  lines += ["", "| the paper's claim | holds here | numbers |", "|---|---|---|"]
+  cell = lambda text: text.replace("|", "\\|")  # |Δloss| must not end the table cell
+  lines += [f"| {cell(c)} | {'yes' if ok else 'no'} | {cell(n)} |" for c, ok, n in checked]
+  return lines
+
+
+def write_reports(saved, base) -> list[str]:
+  """Recomputes the claims from ``saved`` and writes ``base``.md and ``base``.json."""
+  table = summarize(saved)
+  checked = claims(table)
+  saved["claims"] = [dict(claim=c, holds=ok, numbers=n) for c, ok, n in checked]
+  lines = markdown(saved, table, checked)
+  with open(base + ".md", "w") as f:
+    f.write("\n".join(lines) + "\n")
+  with open(base + ".json", "w") as f:
+    json.dump(saved, f)
+  return lines
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--seeds", type=int, default=3)
@@ -156,48 +204,28 @@ def main() -> None:
   parser.add_argument("--one-sweep", action="store_true",
                       help="all runs in a single sweep instead of one sweep per data seed")
   parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+  parser.add_argument("--from-json", help="re-render the .md (and claims) of a saved .json")
   args = parser.parse_args()
+  if args.from_json:
+    with open(args.from_json) as f:
+      saved = json.load(f)
+    print("\n".join(write_reports(saved, os.path.splitext(args.from_json)[0])))
+    return
   os.makedirs(args.out, exist_ok=True)
 
   runs = make_runs(args.seeds)
   results, sweep_seconds, groups = run_sweep(runs, args.rounds, not args.one_sweep)
-  table = summarize(runs, results)
-  checked = claims(table)
   sequential = time_sequential(runs, args.rounds, args.sequential) if args.sequential else None
-
+  saved = {"runs": [dict(dataset=n, mu=mu, seed=s) for n, mu, s, _ in runs],
+           "train_loss": [r.history["train_loss"] for r in results],
+           "grad_dissimilarity": [r.history["grad_dissimilarity"] for r in results],
+           "sweep_seconds": sweep_seconds, "sequential_seconds_per_run": sequential,
+           "sequential_runs": args.sequential, "sweeps": groups,
+           "machine": platform.machine(), "cores": os.cpu_count(),
+           "backend": results[0].info["backend"]}
   base = os.path.join(args.out, "fedprox_figure2")
-  plot(table, args.rounds, base + ".png")
-  info = results[0].info
-  lines = [f"# FedProx Figure 2, reproduced ({len(runs)} runs, {args.rounds} rounds)", "",
-           f"{len(groups)} `simulate_sweep` call(s) ({'one per data seed' if len(groups) > 1 else 'all runs'}): "
-           f"**{sweep_seconds:.1f} s** wall on {platform.machine()} ({os.cpu_count()} cores, backend "
-           f"{info['backend']}), compilation included.", ""]
-  lines += [f"- sweep of {g['runs']} runs (largest client {g['largest_client']} examples): "
-            f"{g['seconds']:.1f} s, first block of 50 rounds incl. compilation {g['first_block']:.1f} s"
-            for g in groups] + [""]
-  if sequential is not None:
-    lines += [f"Sequential baseline: {sequential:.1f} s per run with `simulate` (mean of "
-              f"{args.sequential}), i.e. about {sequential * len(runs):.0f} s for all {len(runs)} "
-              f"runs; the sweep is {sequential * len(runs) / sweep_seconds:.1f}× faster.", ""]
-  lines += ["| dataset | μ | final training loss (mean ± std over seeds) | final dissimilarity |",
-            "|---|---|---|---|"]
-  for name, _ in DATASETS:
-    for mu in MUS:
-      loss = np.asarray(table[name][mu]["loss"])[:, -1]
-      dis = np.asarray(table[name][mu]["dissimilarity"])[:, -1]
-      lines.append(f"| {name} | {mu:g} | {loss.mean():.4f} ± {loss.std():.4f} | {dis.mean():.3g} |")
-  lines += ["", "| the paper's claim | holds here | numbers |", "|---|---|---|"]
-  lines += [f"| {c} | {'yes' if ok else 'no'} | {n} |" for c, ok, n in checked]
-  with open(base + ".md", "w") as f:
-    f.write("\n".join(lines) + "\n")
-  with open(base + ".json", "w") as f:
-    json.dump({"runs": [dict(dataset=n, mu=mu, seed=s) for n, mu, s, _ in runs],
-               "train_loss": [r.history["train_loss"] for r in results],
-               "grad_dissimilarity": [r.history["grad_dissimilarity"] for r in results],
-               "sweep_seconds": sweep_seconds, "sequential_seconds_per_run": sequential,
-               "sweeps": groups,
-               "claims": [dict(claim=c, holds=ok, numbers=n) for c, ok, n in checked]}, f)
-  print("\n".join(lines))
+  plot(summarize(saved), args.rounds, base + ".png")
+  print("\n".join(write_reports(saved, base)))
 
 
 if __name__ == "__main__":

@@ -3,9 +3,14 @@
 These are the slow, obviously-correct implementations the engine is tested against (to 1e-5);
 :func:`fedavg` is also the "seed-style NumPy loop" baseline of ``benchmarks/engine.py``. Epoch
 orders come from a ``numpy.random.Generator``, in order, or from an ``orders`` function that
-replays the engine's own permutations (so the shuffled path is checked, not only in-order batches). Models: ``"linear"`` (``½(w·x+b−y)²``),
-``"softmax"`` (multinomial logistic regression) and ``"mlp"`` (ReLU hidden layers, softmax output).
+replays the engine's own permutations (so the shuffled path is checked, not only in-order
+batches). Models: ``"linear"`` (``½(w·x+b−y)²``), ``"softmax"`` (multinomial logistic regression)
+and ``"mlp"`` (ReLU hidden layers, softmax output).
 Params use the layout of :mod:`fedjax_sim.models` (``{"kernel", "bias"}`` or a list of them).
+
+:func:`vectorized_fedavg_round` is the same FedAvg round written the fast NumPy way (all clients at
+once, batched matmuls): the ``numpy_vec`` baseline, checked against :func:`fedavg` in
+``tests/test_benchmark_baseline.py``.
 """
 
 from __future__ import annotations
@@ -166,3 +171,79 @@ def scaffold(kind, params, clients, rounds, lr, epochs, batch_size, server_lr=1.
     x_global = _tree(lambda a, d: a + server_lr * d / m, x_global, sum_dy)
     c = _tree(lambda a, d: a + (m / n) * d / m, c, sum_dc)
   return x_global, c, c_clients
+
+
+def vectorized_fedavg_round(kind, params, x, y, lr, batch_size, rng=None, order=None,
+                            chunk_size=None):
+  """One FedAvg round (E = 1) over equal-size clients, every client at once, in batched NumPy.
+
+  The fast NumPy baseline of ``benchmarks/engine.py`` (``numpy_vec``): the clients' mini-batches
+  are gathered with fancy indexing and each SGD step is a few batched matmuls over a leading
+  client axis, so there is no Python loop over clients, only over the ``ceil(n / B)`` local steps.
+
+  Args:
+    kind: ``"softmax"`` or ``"mlp"`` (the models and params layout of :func:`grad`).
+    params: the global params (NumPy arrays); the arithmetic runs in their dtype (float32 for
+      timing), the per-client copies are ``[K, ...]`` stacks of them.
+    x: ``[K, n, ...]`` features, ``y``: ``[K, n]`` integer labels (K clients of n examples each).
+    rng: a ``numpy.random.Generator``; every client gets its own permutation of its examples
+      (``rng.permuted`` on a ``[K, n]`` index array). ``None`` with ``order`` ``None``: in order.
+    order: ``[K, n]`` explicit per-client example orders (overrides ``rng``).
+    chunk_size: clients updated together (``None``: all K); a memory/cache knob, same result.
+
+  Returns the new global params: the mean of the clients' updated params, weighted by their
+  numbers of examples (all n here, so the plain mean).
+  """
+  num_clients, n = y.shape
+  if order is None:
+    order = np.broadcast_to(np.arange(n), (num_clients, n))
+    if rng is not None:
+      order = rng.permuted(order, axis=1)
+  layers = [params] if kind == "softmax" else list(params)
+  dtype = layers[0]["kernel"].dtype
+  chunk = num_clients if chunk_size is None else chunk_size
+  sums = [{k: np.zeros_like(v) for k, v in layer.items()} for layer in layers]
+  for lo in range(0, num_clients, chunk):
+    hi = min(lo + chunk, num_clients)
+    ws = _local_sgd_batched(layers, x[lo:hi], y[lo:hi], order[lo:hi], dtype.type(lr), batch_size)
+    for total, w in zip(sums, ws):
+      for k in total:
+        total[k] += w[k].sum(axis=0)
+  weight = dtype.type(n) / dtype.type(n * num_clients)  # every client has n examples
+  new = [{k: v * weight for k, v in layer.items()} for layer in sums]
+  return new[0] if kind == "softmax" else new
+
+
+def _local_sgd_batched(layers, x, y, order, lr, batch_size):
+  """One epoch of mini-batch SGD for a chunk of C clients at once; returns ``[C, ...]`` params."""
+  c, n = y.shape
+  x_rows, y_rows = x.reshape(c * n, -1), y.reshape(c * n)
+  first_row = (np.arange(c) * n)[:, None]
+  ws = [{k: np.repeat(v[None], c, axis=0) for k, v in layer.items()} for layer in layers]
+  for start in range(0, n, batch_size):
+    rows = (first_row + order[:, start:start + batch_size]).ravel()  # each client's own batch
+    b = len(rows) // c
+    xb = np.take(x_rows, rows, axis=0).reshape(c, b, -1)  # [C, b, d] (faster than x[i, idx])
+    acts = [xb]
+    for w in ws[:-1]:
+      h = np.matmul(acts[-1], w["kernel"])
+      h += w["bias"][:, None, :]
+      acts.append(np.maximum(h, 0, out=h))
+    z = np.matmul(acts[-1], ws[-1]["kernel"])
+    z += ws[-1]["bias"][:, None, :]
+    z -= z.max(axis=2, keepdims=True)
+    np.exp(z, out=z)
+    z /= z.sum(axis=2, keepdims=True)
+    classes = z.shape[2]
+    z.reshape(-1)[np.arange(c * b) * classes + np.take(y_rows, rows)] -= 1  # softmax − one-hot
+    delta = z
+    delta *= lr / z.dtype.type(b)  # lr · (mean-over-batch gradient of the logits)
+    for i in range(len(ws) - 1, -1, -1):
+      w = ws[i]
+      back = np.matmul(delta, w["kernel"].swapaxes(1, 2)) if i > 0 else None
+      w["kernel"] -= np.matmul(acts[i].swapaxes(1, 2), delta)
+      w["bias"] -= delta.sum(axis=1)
+      if i > 0:
+        back *= acts[i] > 0
+        delta = back
+  return ws

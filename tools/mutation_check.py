@@ -1,0 +1,354 @@
+"""Mutation check: does the test suite catch plausible bugs?
+
+Each mutation below is a small, plausible bug (a sign, an index, a weight, a reused key, a step
+count off by one). For each one this script copies the package and the tests to a temporary
+directory, applies the bug there (never to the working tree), and runs the tests that should catch
+it. A mutation is *caught* when those tests fail (pytest exit code 1); a mutant that cannot even be
+imported or collected (exit code 2+) is reported as broken, not as caught.
+
+Usage:
+  python tools/mutation_check.py                  # every mutation, table on stdout
+  python tools/mutation_check.py --only sattolo   # some of them (comma list)
+  python tools/mutation_check.py --list           # names, files, tests
+  python tools/mutation_check.py --out docs/mutation_check.md
+
+Run it before closing an issue that adds an algorithm or aggregator, and add that rule's
+mutations here. Every mutation must be caught.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from typing import NamedTuple
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class Mutation(NamedTuple):
+  name: str
+  area: str
+  file: str  # relative to the repository root
+  old: str  # must occur exactly once in the file
+  new: str
+  tests: tuple  # pytest node ids or files that should fail
+  why: str
+
+
+M = Mutation
+R, C, S = "fedjax_sim/round.py", "fedjax_sim/client.py", "fedjax_sim/systems.py"
+A = "fedjax_sim/algorithms/"
+T_ENGINE, T_CLIENT, T_ALG = "tests/test_engine.py", "tests/test_client.py", "tests/test_algorithms.py"
+T_PLANS, T_GOLD = "tests/test_plans.py", "tests/test_goldens.py"
+
+MUTATIONS = [
+    # --- cohort sampling and round keys
+    M("cohort_first_m", "sampling", R,
+      "_, ids = lax.top_k(jax.random.bits(key, (num_clients,)), cohort_size)",
+      "ids = jnp.arange(cohort_size)",
+      (f"{T_ENGINE}::test_cohort_sampling_is_uniform_without_replacement",),
+      "the same first m clients every round"),
+    M("cohort_with_replacement", "sampling", R,
+      "_, ids = lax.top_k(jax.random.bits(key, (num_clients,)), cohort_size)",
+      "ids = jax.random.randint(key, (cohort_size,), 0, num_clients)",
+      (f"{T_ENGINE}::test_cohort_sampling_is_uniform_without_replacement",),
+      "sampling with replacement"),
+    M("round_key_not_folded", "sampling", R,
+      "sample_key, client_key, system_key = jax.random.split(jax.random.fold_in(key, r), 3)",
+      "sample_key, client_key, system_key = jax.random.split(key, 3)",
+      (T_CLIENT, T_GOLD), "every round draws the same cohort and shuffles"),
+    M("client_key_is_sample_key", "sampling", R,
+      "sample_key, client_key, system_key = jax.random.split(jax.random.fold_in(key, r), 3)",
+      "sample_key, _, system_key = jax.random.split(jax.random.fold_in(key, r), 3); "
+      "client_key = sample_key",
+      (T_CLIENT, T_GOLD), "a key reused for two purposes"),
+    M("client_key_by_position", "sampling", R,
+      "keys = jax.vmap(lambda i: jax.random.fold_in(client_key, i))(d.global_id(ids_f))",
+      "keys = jax.vmap(lambda i: jax.random.fold_in(client_key, i))(jnp.arange(ids_f.shape[0]))",
+      (f"{T_CLIENT}::test_shuffled_fedavg_matches_numpy_replaying_the_engines_orders",),
+      "client keys from the slot position instead of the global id"),
+    # --- weighting and the reduction
+    M("weights_all_one", "weighting", R,
+      "weights = jnp.where(returns, 1.0 if uniform else n.astype(jnp.float32), 0.0)",
+      "weights = jnp.where(returns, 1.0, 0.0)",
+      (f"{T_ENGINE}::test_matches_numpy_fedavg",), "FedAvg averages uniformly"),
+    M("uniform_uses_counts", "weighting", R,
+      "weights = jnp.where(returns, 1.0 if uniform else n.astype(jnp.float32), 0.0)",
+      "weights = jnp.where(returns, n.astype(jnp.float32), 0.0)",
+      (f"{T_ENGINE}::test_linear_regression_matches_numpy_uniform_weighting",),
+      "uniform weighting ignored"),
+    M("dropped_keep_weight", "weighting", R,
+      "weights = jnp.where(returns, 1.0 if uniform else n.astype(jnp.float32), 0.0)",
+      "weights = jnp.where(True, 1.0 if uniform else n.astype(jnp.float32), 0.0)",
+      (f"{T_ALG}::test_drop_policy_removes_exactly_the_stragglers_weight",),
+      "clients that did not return still count in the denominator"),
+    M("pseudo_gradient_sign", "server", R,
+      "pseudo_grad = jax.tree.map(lambda g, p: (-g).astype(p.dtype), delta, state.params)",
+      "pseudo_grad = jax.tree.map(lambda g, p: g.astype(p.dtype), delta, state.params)",
+      (f"{T_ENGINE}::test_matches_numpy_fedavg",), "the server steps away from the clients"),
+    M("empty_round_moves_server", "server", R,
+      "jnp.where(sums.count > 0, a, b)", "jnp.where(True, a, b)",
+      (f"{T_ALG}::test_everyone_dropping_out_leaves_the_server_unchanged",),
+      "a round with no returning client still applies the optimizer"),
+    M("drift_without_mean_term", "metrics", R,
+      "sums.sq_norm / total - sum(jnp.sum(a * a) for a in jax.tree.leaves(mean_delta))",
+      "sums.sq_norm / total",
+      (f"{T_ALG}::test_drift_and_update_norms_match_their_formulas",),
+      "drift reported as Σp‖Δ‖² instead of the spread around the mean"),
+    M("update_norm_mean_by_weight", "metrics", R,
+      "sums.norm_sum / jnp.maximum(sums.count, 1.0)",
+      "sums.norm_sum / jnp.maximum(sums.weight, 1.0)",
+      (f"{T_ALG}::test_drift_and_update_norms_match_their_formulas",),
+      "mean update norm divided by the example count"),
+    M("host_loop_drops_state_writes", "plans", R,
+      "return total.combine(sums), scatter_states(states, ids, returns, new_states)",
+      "return total.combine(sums), states",
+      (f"{T_PLANS}::test_host_loop_and_compiled_plans_agree",),
+      "host_loop never writes SCAFFOLD's c_i back"),
+    M("scatter_ignores_returns", "plans", R,
+      "idx = jnp.where(returns, ids, num_clients)", "idx = ids",
+      (f"{T_ALG}::test_scaffold_server_control_is_mean_of_client_controls", T_GOLD),
+      "empty slots (id 0) overwrite client 0's state"),
+    # --- the local schedule
+    M("floor_steps_per_epoch", "steps", C,
+      "return (num_examples + batch_size - 1) // batch_size",
+      "return num_examples // batch_size",
+      (f"{T_CLIENT}::test_local_steps_per_client", f"{T_ENGINE}::test_matches_numpy_fedavg"),
+      "⌈n/B⌉ replaced by ⌊n/B⌋ (the short last batch is skipped)"),
+    M("extra_empty_step", "steps", C,
+      "return (num_examples + batch_size - 1) // batch_size",
+      "return num_examples // batch_size + 1",
+      (f"{T_CLIENT}::test_local_steps_per_client",),
+      "an extra empty step when B divides n (τ_k off by one)"),
+    M("epochs_ignored", "steps", C,
+      "return algo.local_epochs * steps_per_epoch(num_examples, algo.batch_size)",
+      "return steps_per_epoch(num_examples, algo.batch_size)",
+      (f"{T_CLIENT}::test_local_steps_per_client",), "one epoch whatever E"),
+    M("masked_step_not_kept", "steps", C,
+      "keep = lambda new, old: jnp.where(active, new, old)", "keep = lambda new, old: new",
+      (f"{T_ENGINE}::test_masked_steps_leave_adaptive_optimizer_state_alone",),
+      "padding steps move Adam clients"),
+    M("last_batch_padded_with_row0", "steps", C,
+      "real = (pos < n) & active", "real = (pos < pos + 1) & active",
+      (f"{T_ENGINE}::test_matches_numpy_fedavg",),
+      "the short last batch is padded with real rows"),
+    # --- shuffles
+    M("ignore_shuffle_order", "shuffles", C,
+      "local = job.orders[jnp.minimum(epoch, shape.num_epochs - 1),\n"
+      "                     jnp.minimum(pos, shape.max_examples - 1)]",
+      "local = jnp.minimum(pos, shape.max_examples - 1)",
+      (f"{T_CLIENT}::test_shuffled_fedavg_matches_numpy_replaying_the_engines_orders",),
+      "the local step trains in storage order"),
+    M("sattolo", "shuffles", C,
+      "j = jnp.minimum((u[i] * (i + 1)).astype(jnp.int32), i)",
+      "j = jnp.minimum((u[i] * i).astype(jnp.int32), i - 1)",
+      (f"{T_CLIENT}::test_shuffles_are_uniform_permutations",),
+      "Sattolo's algorithm: no element ever stays in place"),
+    M("biased_swap_range", "shuffles", C,
+      "j = jnp.minimum((u[i] * (i + 1)).astype(jnp.int32), i)",
+      "j = jnp.minimum((u[i] * length).astype(jnp.int32), i)",
+      (f"{T_CLIENT}::test_shuffles_are_uniform_permutations",),
+      "swap partner drawn from the whole array, then clipped"),
+    M("same_order_every_epoch", "shuffles", C,
+      "jax.random.uniform(jax.random.fold_in(k, e), (length,))",
+      "jax.random.uniform(jax.random.fold_in(k, 0), (length,))",
+      (f"{T_ENGINE}::test_shuffled_epochs_are_permutations_of_each_client",),
+      "Fisher–Yates epochs reuse one permutation"),
+    M("sort_same_order_every_epoch", "shuffles", C,
+      "jax.random.bits(jax.random.fold_in(key, e), (length,))",
+      "jax.random.bits(jax.random.fold_in(key, 0), (length,))",
+      (f"{T_ENGINE}::test_shuffled_epochs_are_permutations_of_each_client",),
+      "sorted shuffles reuse one permutation"),
+    M("sort_padding_first", "shuffles", C,
+      "bits = jnp.where(jnp.arange(length) < n, bits, jnp.uint32(0xFFFFFFFF))",
+      "bits = jnp.where(jnp.arange(length) < n, bits, jnp.uint32(0))",
+      (f"{T_ENGINE}::test_shuffled_epochs_are_permutations_of_each_client",),
+      "padding positions sort before the real examples"),
+    # --- algorithms
+    M("fedprox_sign", "fedprox", A + "fedprox.py",
+      "g + (mu * (w - w0)).astype(g.dtype)", "g - (mu * (w - w0)).astype(g.dtype)",
+      (f"{T_ALG}::test_fedprox_local_optimum_on_a_quadratic",), "proximal term pushes away"),
+    M("scaffold_option_i_at_y", "scaffold", A + "scaffold.py",
+      "new_c_i = out.full_gradient(out.context.global_params)",
+      "new_c_i = out.full_gradient(out.params)",
+      (f"{T_ALG}::test_scaffold_option_i_control_is_the_full_gradient_at_the_server_model",),
+      "option I's c_i at the client's final point instead of x"),
+    M("scaffold_ii_sign", "scaffold", A + "scaffold.py",
+      "-e + (x - y) * scale", "-e + (y - x) * scale",
+      (f"{T_ALG}::test_scaffold_matches_numpy_with_epochs_and_unequal_sizes",),
+      "option II's (x − y) reversed"),
+    M("scaffold_static_k", "scaffold", A + "scaffold.py",
+      "jnp.maximum(out.num_steps, 1).astype(jnp.float32)",
+      "jnp.maximum(out.num_examples, 1).astype(jnp.float32)",
+      (f"{T_ALG}::test_scaffold_matches_numpy_with_epochs_and_unequal_sizes",),
+      "K taken as the number of examples"),
+    M("scaffold_correction_sign", "scaffold", A + "scaffold.py",
+      "client_extra=lambda c, c_i: jax.tree.map(jnp.subtract, c, c_i)",
+      "client_extra=lambda c, c_i: jax.tree.map(jnp.subtract, c_i, c)",
+      (f"{T_ALG}::test_scaffold_matches_numpy_with_epochs_and_unequal_sizes",),
+      "the correction is c_i − c"),
+    M("scaffold_full_share", "scaffold", A + "scaffold.py",
+      "share = summary.participants / summary.num_clients", "share = 1.0",
+      (f"{T_ALG}::test_scaffold_server_control_is_mean_of_client_controls",),
+      "c moves by mean Δc instead of |S|/N · mean Δc"),
+    M("fednova_tau_eff_one", "fednova", A + "fednova.py",
+      'tau_eff = summary.mean_message["a"]', "tau_eff = 1.0",
+      (f"{T_ALG}::test_fednova_matches_numpy_with_epochs_and_unequal_sizes",),
+      "normalized updates never rescaled by τ_eff"),
+    M("fednova_not_normalized", "fednova", A + "fednova.py",
+      "a = jnp.maximum(a, 1e-12)", "a = jnp.ones_like(a)",
+      (f"{T_ALG}::test_fednova_matches_numpy_with_epochs_and_unequal_sizes",),
+      "a_k = 1 (FedNova becomes τ_eff-scaled FedAvg)"),
+    M("fednova_momentum_norm", "fednova", A + "fednova.py",
+      "return (tau - rho * (1 - rho ** tau) / (1 - rho)) / (1 - rho)",
+      "return (tau - rho * (1 - rho ** tau) / (1 - rho))",
+      (f"{T_ALG}::test_fednova_aggregation_norms",), "a_k with momentum not divided by 1 − ρ"),
+    M("yogi_sign", "fedopt", A + "fedopt.py",
+      "v - (1 - b2) * g * g * jnp.sign(v - g * g)", "v + (1 - b2) * g * g * jnp.sign(v - g * g)",
+      (f"{T_ALG}::test_paper_convention_first_server_steps",), "Yogi's sign flipped"),
+    M("adam_v_no_decay", "fedopt", A + "fedopt.py",
+      "b2 * v + (1 - b2) * g * g", "v + (1 - b2) * g * g",
+      (f"{T_ALG}::test_paper_convention_first_server_steps",), "FedAdam's v never decays"),
+    M("adam_tau_inside_sqrt", "fedopt", A + "fedopt.py",
+      "-lr * m / (jnp.sqrt(v) + tau)", "-lr * m / jnp.sqrt(v + tau)",
+      (f"{T_ALG}::test_paper_convention_first_server_steps",), "τ inside the square root"),
+    M("growing_h_off_by_one", "local_sgd", A + "local_sgd.py",
+      "stage = (r - 1) // every", "stage = r // every",
+      (f"{T_ALG}::test_growing_local_steps_schedule",), "H grows one round early"),
+    # --- stragglers and dropouts
+    M("dropout_inverted", "systems", S,
+      "returns = jax.random.uniform(k_drop, (cohort_size,)) >= system.dropout_rate",
+      "returns = jax.random.uniform(k_drop, (cohort_size,)) < system.dropout_rate",
+      (f"{T_ALG}::test_drop_policy_removes_exactly_the_stragglers_weight",
+       f"{T_ALG}::test_bad_heterogeneity_is_named", T_GOLD),
+      "dropout_rate is the probability of returning"),
+    M("partial_zero_epochs", "systems", S,
+      "steps = (1 + jnp.floor(u * local_epochs).astype(jnp.int32)) * steps_per_epoch",
+      "steps = jnp.floor(u * local_epochs).astype(jnp.int32) * steps_per_epoch",
+      (f"{T_CLIENT}::test_partial_stragglers_take_whole_epochs",),
+      "partial stragglers may run zero epochs"),
+    M("drop_policy_keeps_stragglers", "systems", S,
+      "    returns = returns & ~straggler", "    returns = returns",
+      (f"{T_ALG}::test_drop_policy_removes_exactly_the_stragglers_weight",),
+      "policy 'drop' keeps the stragglers' updates"),
+    # --- data and loaders
+    M("offsets_off_by_one", "data", "fedjax_sim/data.py",
+      "np.concatenate([[0], np.cumsum(self.num_examples)[:-1]])",
+      "np.concatenate([[0], np.cumsum(self.num_examples)[:-1] + 1])[:len(self.num_examples)]",
+      ("tests/test_data_models.py::test_from_arrays_round_trip_and_ids",),
+      "client k starts one row late"),
+    M("sqlite_key_order", "loaders", "fedjax_sim/datasets/fedjax_sqlite.py",
+      'return conn.execute(query.format("rowid")).fetchall()',
+      'return conn.execute(query.format("client_id")).fetchall()',
+      ("tests/test_loaders.py::test_fedjax_sqlite_reads_hand_built_emnist_file_in_rowid_order",),
+      "FedJAX files read in key order, not insertion order"),
+    M("leaf_files_unsorted", "loaders", "fedjax_sim/datasets/leaf.py",
+      'files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".json"))',
+      'files = sorted((os.path.join(path, f) for f in os.listdir(path) if f.endswith(".json")), '
+      'reverse=True)',
+      ("tests/test_loaders.py::test_leaf_directory_merges_files_in_name_order_and_skips_empty_users",),
+      "LEAF directory files merged in the wrong order"),
+    M("iid_sizes_uneven", "partition", "fedjax_sim/partition.py",
+      "sizes = np.full(k, len(y) // k) + (np.arange(k) < len(y) % k)",
+      "sizes = np.full(k, len(y) // k); sizes[-1] += len(y) % k",
+      ("tests/test_partition.py::test_iid_sizes_differ_by_at_most_one",),
+      "the remainder all goes to the last client"),
+    M("per_client_accuracy_unnormalized", "metrics", "fedjax_sim/metrics.py",
+      "accuracy = by_client / jnp.maximum(counts, 1.0)",
+      "accuracy = by_client / jnp.maximum(counts.mean(), 1.0)",
+      (f"{T_ALG}::test_per_client_accuracy_percentiles",),
+      "per-client accuracy divided by the mean client size"),
+]
+
+
+def check_patterns(mutations) -> list[str]:
+  """Mutations whose ``old`` text does not occur exactly once (the code moved: update them)."""
+  stale = []
+  for m in mutations:
+    with open(os.path.join(ROOT, m.file)) as f:
+      count = f.read().count(m.old)
+    if count != 1:
+      stale.append(f"{m.name}: pattern occurs {count}× in {m.file}")
+  return stale
+
+
+def run_one(m: Mutation, timeout: int) -> tuple[str, float, str]:
+  """Applies ``m`` to a temporary copy and runs its tests: ``(verdict, seconds, detail)``."""
+  with tempfile.TemporaryDirectory(prefix="fedjax_sim_mutant_") as tmp:
+    for part in ("fedjax_sim", "tests"):
+      shutil.copytree(os.path.join(ROOT, part), os.path.join(tmp, part),
+                      ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(os.path.join(ROOT, "pyproject.toml"), tmp)
+    path = os.path.join(tmp, m.file)
+    with open(path) as f:
+      text = f.read()
+    with open(path, "w") as f:
+      f.write(text.replace(m.old, m.new))
+    env = dict(os.environ, PYTHONPATH=tmp, PYTHONDONTWRITEBYTECODE="1")
+    where = subprocess.run([sys.executable, "-c", "import fedjax_sim; print(fedjax_sim.__file__)"],
+                           cwd=tmp, env=env, capture_output=True, text=True)
+    if not where.stdout.startswith(tmp):
+      return "broken", 0.0, f"the mutant is not what imports: {where.stdout or where.stderr}"
+    start = time.perf_counter()
+    try:
+      out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                            *m.tests], cwd=tmp, env=env, capture_output=True, text=True,
+                           timeout=timeout)
+    except subprocess.TimeoutExpired:
+      return "timeout", time.perf_counter() - start, ""
+    seconds = time.perf_counter() - start
+    last = (out.stdout.strip().splitlines() or [""])[-1]
+    if out.returncode == 1:
+      return "caught", seconds, last
+    if out.returncode == 0:
+      return "NOT CAUGHT", seconds, last
+    return "broken", seconds, (out.stdout + out.stderr)[-400:]
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--only", help="comma-separated mutation names")
+  parser.add_argument("--list", action="store_true")
+  parser.add_argument("--out", help="also write the table (Markdown) to this file")
+  parser.add_argument("--timeout", type=int, default=600)
+  args = parser.parse_args()
+  chosen = MUTATIONS
+  if args.only:
+    names = args.only.split(",")
+    unknown = sorted(set(names) - {m.name for m in MUTATIONS})
+    if unknown:
+      sys.exit(f"mutation_check: unknown mutation(s) {unknown}")
+    chosen = [m for m in MUTATIONS if m.name in names]
+  if args.list:
+    for m in chosen:
+      print(f"{m.name:<32} {m.file:<40} {' '.join(m.tests)}")
+    return
+  stale = check_patterns(chosen)
+  if stale:
+    sys.exit("mutation_check: stale patterns:\n  " + "\n  ".join(stale))
+  rows = ["| mutation | area | bug | tests | verdict | s |", "|---|---|---|---|---|---|"]
+  missed = 0
+  for m in chosen:
+    verdict, seconds, detail = run_one(m, args.timeout)
+    missed += verdict != "caught"
+    tests = ", ".join(t.split("::")[-1] if "::" in t else t for t in m.tests)
+    rows.append(f"| `{m.name}` | {m.area} | {m.why} | {tests} | {verdict} | {seconds:.0f} |")
+    print(f"{m.name:<32} {verdict:<10} {seconds:6.1f}s  {detail if verdict != 'caught' else ''}",
+          flush=True)
+  summary = f"{len(chosen) - missed} of {len(chosen)} mutations caught"
+  print(summary)
+  if args.out:
+    with open(args.out, "w") as f:
+      f.write("# Mutation check\n\nPlausible bugs applied one at a time to a temporary copy of the "
+              "package by `python tools/mutation_check.py`; each row names the tests that must "
+              "fail.\n\n" + "\n".join(rows) + f"\n\n{summary}.\n")
+  sys.exit(1 if missed else 0)
+
+
+if __name__ == "__main__":
+  main()

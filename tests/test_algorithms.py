@@ -204,6 +204,9 @@ def test_paper_convention_first_server_steps():
   # the same numbers written out for the first coordinate (Δ = 0.5)
   np.testing.assert_allclose(_first_step(alg.fedadagrad(**kw))[0], 0.005 / 0.501001, rtol=1e-5)
   np.testing.assert_allclose(_first_step(alg.fedadam(**kw))[0], 0.005 / (np.sqrt(0.00250099) + 1e-3), rtol=1e-5)
+  # a large v₀ makes β2's decay of v visible: v = 0.99 · 1 + 0.01 Δ²
+  np.testing.assert_allclose(_first_step(alg.fedadam(initial_accumulator=1.0, **kw)),
+                             0.1 * m / (np.sqrt(0.99 + 0.01 * DELTA ** 2) + 1e-3), rtol=1e-5)
 
 
 def test_optax_convention_first_server_steps():
@@ -282,22 +285,26 @@ def _returning_clients(seed, round_num, cohort_size, system):
   return np.asarray(systems.cohort_conditions(system_key, cohort_size, system).returns)
 
 
-def test_drop_policy_removes_exactly_the_stragglers_weight():
-  """Full participation, one full-batch step: the new model is one GD step on the returning
-  clients' pooled data, i.e. the stragglers' n_k leave both numerator and denominator."""
+@pytest.mark.parametrize("weighting", ["num_examples", "uniform"])
+def test_drop_policy_removes_exactly_the_stragglers_weight(weighting):
+  """Full participation, one full-batch step: the new model is the (n_k- or uniformly) weighted
+  mean of one GD step on each returning client, i.e. the stragglers leave both numerator and
+  denominator."""
   fd, _, _ = _quadratic_clients(num_clients=6, dim=2, n=5, seed=3)
   fd = fs.FederatedData.from_arrays([fd.client(i)[0][:3 + i] for i in range(6)],
                                     [fd.client(i)[1][:3 + i] for i in range(6)])
   model = fs.models.linear_regression(2, use_bias=False)
   system = fs.Heterogeneity(straggler_fraction=0.5, straggler_policy="drop")
-  algo = alg.fedavg(client_lr=0.1, batch_size=None)
+  algo = alg.fedavg(client_lr=0.1, batch_size=None, weighting=weighting)
   res = fs.simulate(algo, model, fd, rounds=1, seed=7, system=system,
                     init_params={"kernel": jnp.zeros((2, 1))})
   returns = _returning_clients(7, 1, 6, system)
   assert returns.sum() == 3 and res.history["participants"] == [3.0]
-  x = np.concatenate([fd.client(i)[0] for i in range(6) if returns[i]])
-  y = np.concatenate([fd.client(i)[1] for i in range(6) if returns[i]])
-  np.testing.assert_allclose(res.params["kernel"][:, 0], 0.1 * x.T @ y / len(y), rtol=1e-5)
+  steps = [0.1 * x.T @ y / len(y) for x, y in (fd.client(i) for i in range(6) if returns[i])]
+  weights = [len(fd.client(i)[1]) if weighting == "num_examples" else 1.0
+             for i in range(6) if returns[i]]
+  np.testing.assert_allclose(res.params["kernel"][:, 0], np.average(steps, axis=0, weights=weights),
+                             rtol=1e-5)
 
 
 def test_partial_stragglers_never_exceed_e_epochs():
@@ -332,6 +339,22 @@ def test_everyone_dropping_out_leaves_the_server_unchanged(classification):
                     init_params=init, system=fs.Heterogeneity(dropout_rate=1.0))
   _equal(res.params, init)
   assert res.history["participants"] == [0.0, 0.0]
+
+
+def test_a_round_nobody_returns_from_keeps_the_moving_server_still(classification):
+  """Round 1 trains (FedAvgM's momentum is now non-zero), round 2's only client drops out: the
+  server must not coast on its momentum through the empty round."""
+  fd, model = classification
+  system = fs.Heterogeneity(dropout_rate=0.5)
+  seed = next(s for s in range(100) if _returning_clients(s, 1, 1, system)[0]
+              and not _returning_clients(s, 2, 1, system)[0])
+  args = dict(clients_per_round=1, seed=seed, system=system)
+  algo = alg.fedavgm(momentum=0.9, client_lr=0.1, server_lr=1.0)
+  one = fs.simulate(algo, model, fd, rounds=1, **args)
+  two = fs.simulate(algo, model, fd, rounds=2, rounds_per_block=1, **args)
+  assert two.history["participants"] == [1.0, 0.0]
+  assert max(np.abs(a).max() for a in _leaves(one.state.opt_state)) > 0
+  _equal(two.params, one.params)
 
 
 def test_bad_heterogeneity_is_named():

@@ -16,8 +16,9 @@ def test_from_arrays_round_trip_and_ids():
   fd = fs.FederatedData.from_arrays(xs, ys)
   assert fd.num_clients == 2 and fd.client_ids == ["0", "1"]
   np.testing.assert_array_equal(fd.num_examples, [3, 1])
-  x0, y0 = fd.client(0)
-  np.testing.assert_array_equal(x0, xs[0]); np.testing.assert_array_equal(y0, ys[0])
+  for k in range(2):
+    xk, yk = fd.client(k)
+    np.testing.assert_array_equal(xk, xs[k]); np.testing.assert_array_equal(yk, ys[k])
   named = fs.FederatedData.from_arrays(xs, ys, client_ids=["alice", "bob"])
   assert named.client_ids == ["alice", "bob"]
 

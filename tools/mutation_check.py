@@ -93,7 +93,7 @@ MUTATIONS = [
       (f"{T_ENGINE}::test_matches_numpy_fedavg",), "the server steps away from the clients"),
     M("empty_round_moves_server", "server", R,
       "jnp.where(sums.count > 0, a, b)", "jnp.where(True, a, b)",
-      (f"{T_ALG}::test_everyone_dropping_out_leaves_the_server_unchanged",),
+      (f"{T_ALG}::test_a_round_nobody_returns_from_keeps_the_moving_server_still",),
       "a round with no returning client still applies the optimizer"),
     M("drift_without_mean_term", "metrics", R,
       "sums.sq_norm / total - sum(jnp.sum(a * a) for a in jax.tree.leaves(mean_delta))",

@@ -1,14 +1,16 @@
 """fedjax_sim: federated learning simulated one whole cohort at a time, in one compiled program."""
 
-from fedjax_sim import algorithms, models
+from fedjax_sim import algorithms, datasets, describe, metrics, models, partition, reference
 from fedjax_sim.algorithms import Algorithm
 from fedjax_sim.data import DataError, FederatedData
 from fedjax_sim.models import Model
+from fedjax_sim.round import ServerState
 from fedjax_sim.systems import Heterogeneity
 from fedjax_sim.sweep import simulate_sweep
 from fedjax_sim.simulation import SimulationResult, TrainingDiverged, simulate
 
 __version__ = "0.1.0"
 
-__all__ = ["Algorithm", "DataError", "FederatedData", "Heterogeneity", "Model", "SimulationResult",
-           "TrainingDiverged", "algorithms", "models", "simulate", "simulate_sweep"]
+__all__ = ["Algorithm", "DataError", "FederatedData", "Heterogeneity", "Model", "ServerState",
+           "SimulationResult", "TrainingDiverged", "algorithms", "datasets", "describe", "metrics",
+           "models", "partition", "reference", "simulate", "simulate_sweep"]

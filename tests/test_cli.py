@@ -157,3 +157,20 @@ def test_partitioned_npz_and_data_describe(tmp_path, capsys):
   bad = ["--set", "dataset_options.partition='zipf'"]
   assert main(["data", "describe", *keys, *bad]) == 2
   assert "partition must be one of" in capsys.readouterr().err
+
+
+def test_compilation_cache_is_turned_on_unless_configured(tmp_path):
+  import jax
+  from fedjax_sim.cli import ConfigError, use_compilation_cache
+  configured = jax.config.jax_compilation_cache_dir  # the test session's own cache
+  assert configured
+  use_compilation_cache(str(tmp_path))
+  assert jax.config.jax_compilation_cache_dir == configured  # an existing cache is kept
+  try:
+    jax.config.update("jax_compilation_cache_dir", None)
+    use_compilation_cache(str(tmp_path / "xla"))
+    assert jax.config.jax_compilation_cache_dir == str(tmp_path / "xla")
+  finally:
+    jax.config.update("jax_compilation_cache_dir", configured)
+  with pytest.raises(ConfigError, match="compilation_cache.*5"):
+    use_compilation_cache(5)

@@ -46,7 +46,7 @@ from jax import lax
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fedjax_sim as fs  # noqa: E402
 from fedjax_sim import client as client_lib  # noqa: E402
-from fedjax_sim import round as round_lib  # noqa: E402
+from fedjax_sim import engine as round_lib  # noqa: E402
 from fedjax_sim import systems  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -85,7 +85,7 @@ def profile(num_clients: int, reps: int, chunk: int = 1024):
     sample, clients, sys_key = jax.random.split(jax.random.fold_in(key, 1), 3)
     cohort = round_lib.sample_cohort(sample, num_clients, num_clients)
     cond = systems.cohort_conditions(sys_key, num_clients, system)
-    ids, pos = round_lib.bucket_slots(cohort, d.bucket_of, 0, bucket)
+    ids, pos = round_lib.buckets.bucket_slots(cohort, d.bucket_of, 0, bucket)
     return ids, jnp.append(cond.returns, False)[pos], clients
   ids, returns, client_key = sampling(key, d)
   parts["sampling"] = best_ms(sampling, key, d, reps=reps)

@@ -1,10 +1,11 @@
 """fedjax_sim: federated learning simulated one whole cohort at a time, in one compiled program."""
 
-from fedjax_sim import algorithms, datasets, describe, metrics, models, partition, reference
+from fedjax_sim import (aggregators, algorithms, datasets, describe, engine, metrics, models,
+                        partition, reference)
 from fedjax_sim.algorithms import Algorithm
 from fedjax_sim.data import DataError, FederatedData
 from fedjax_sim.models import Model
-from fedjax_sim.round import ServerState
+from fedjax_sim.engine import ServerState
 from fedjax_sim.systems import Heterogeneity
 from fedjax_sim.sweep import simulate_sweep
 from fedjax_sim.simulation import SimulationResult, TrainingDiverged, simulate
@@ -12,5 +13,6 @@ from fedjax_sim.simulation import SimulationResult, TrainingDiverged, simulate
 __version__ = "0.1.0"
 
 __all__ = ["Algorithm", "DataError", "FederatedData", "Heterogeneity", "Model", "ServerState",
-           "SimulationResult", "TrainingDiverged", "algorithms", "datasets", "describe", "metrics",
-           "models", "partition", "reference", "simulate", "simulate_sweep"]
+           "SimulationResult", "TrainingDiverged", "aggregators", "algorithms", "datasets",
+           "describe", "engine", "metrics", "models", "partition", "reference", "simulate",
+           "simulate_sweep"]

@@ -23,6 +23,10 @@ CONFIG_KEYS = {
     "algorithm_options": ({}, "table of the algorithm's own options, e.g. algorithm_options.mu=0.1 "
                           "(fedprox), .option='I' (scaffold), .momentum, .beta1, .beta2, .tau, "
                           ".convention (fedadam...), .max_local_steps, .every (local_sgd_*)"),
+    "aggregator": ("mean", "how client updates are combined: mean | median | clip (see "
+                   "`fedjax-sim list`)"),
+    "aggregator_options": ({}, "table of the aggregator's options, e.g. aggregator_options."
+                           "max_norm=1.0, aggregator_options.inner='median' (clip)"),
     "model": ("softmax_regression", "softmax_regression | logistic_regression | linear_regression "
               "| mlp | cnn | shakespeare_lstm"),
     "dataset": ("power_law", "embedded dataset or 'npz' (see `fedjax-sim list`)"),
@@ -55,7 +59,7 @@ CONFIG_KEYS = {
 
 MODELS = ("softmax_regression", "logistic_regression", "linear_regression", "mlp", "cnn",
           "shakespeare_lstm")
-TABLES = ("dataset_options", "algorithm_options", "system")
+TABLES = ("dataset_options", "algorithm_options", "aggregator_options", "system")
 
 
 class ConfigError(ValueError):
@@ -184,6 +188,30 @@ def build_algorithm(config: dict):
                       f"{str(e).split(') ', 1)[-1]}") from None
 
 
+def build_aggregator(config: dict):
+  """The configured aggregator: ``aggregator`` and its ``aggregator_options`` (``inner`` names
+  another registered aggregator, for ``clip``); raises ConfigError."""
+  from fedjax_sim import aggregators
+  name, options = config["aggregator"], dict(config["aggregator_options"])
+  if name not in aggregators.REGISTRY:
+    raise ConfigError(f"unknown aggregator {name!r}; choose from "
+                      f"{', '.join(aggregators.REGISTRY)}")
+  if "inner" in options:
+    inner = options["inner"]
+    if inner not in aggregators.REGISTRY or inner == "clip":
+      raise ConfigError(f"aggregator_options.inner must name an aggregator other than clip "
+                        f"({', '.join(k for k in aggregators.REGISTRY if k != 'clip')}), got "
+                        f"{inner!r}")
+    options["inner"] = aggregators.REGISTRY[inner]()
+  try:
+    return aggregators.REGISTRY[name](**options)
+  except TypeError as e:
+    raise ConfigError(f"bad aggregator_options {config['aggregator_options']} for aggregator "
+                      f"{name!r}: {str(e).split(') ', 1)[-1]}") from None
+  except ValueError as e:
+    raise ConfigError(f"aggregator_options.{e}") from None
+
+
 def build_system(options: dict):
   """The ``system`` table as a :class:`fedjax_sim.Heterogeneity` (``None`` when empty)."""
   from fedjax_sim import systems
@@ -286,6 +314,7 @@ def run(args) -> int:
   algo, model, train, test = build_experiment(config)
   from fedjax_sim.simulation import TrainingDiverged, check_arguments, simulate
   system = build_system(config["system"])
+  aggregator = build_aggregator(config)
   run_args = dict(rounds=config["rounds"], clients_per_round=config["clients_per_round"],
                   client_fraction=config["client_fraction"], seed=config["seed"],
                   eval_every=config["eval_every"], plan=config["plan"],
@@ -315,6 +344,7 @@ def run(args) -> int:
   history = None
   try:
     result = simulate(algo, model, train, test=test, callback=log, system=system,
+                      aggregator=aggregator,
                       dissimilarity=bool(config["dissimilarity"]), **run_args)
     history = result.history
     summary["engine"] = result.info
@@ -359,6 +389,10 @@ def list_available(_args) -> int:
   from fedjax_sim import algorithms, datasets
   print("algorithms:")
   for name, fn in algorithms.REGISTRY.items():
+    print(f"  {name:<22} {(fn.__doc__ or '').strip().splitlines()[0]}")
+  from fedjax_sim import aggregators
+  print("aggregators:")
+  for name, fn in aggregators.REGISTRY.items():
     print(f"  {name:<22} {(fn.__doc__ or '').strip().splitlines()[0]}")
   print("models:\n  " + "\n  ".join(MODELS))
   print("datasets:")

@@ -1,7 +1,7 @@
 """One client's local training: the mini-batch schedule, the epoch shuffles, the ``lax.scan``.
 
 Everything here is written for a single client and vmapped over a chunk of the cohort by
-:mod:`fedjax_sim.round`. Shapes are static per *size bucket* (see :class:`BucketShape`); a client
+:mod:`fedjax_sim.engine`. Shapes are static per *size bucket* (see :class:`BucketShape`); a client
 smaller than its bucket's largest runs masked steps, and a masked step leaves its state unchanged.
 
 Schedule (McMahan et al. 2017, Algorithm 1): a client with ``n`` examples and batch size ``B`` takes

@@ -12,8 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from fedjax_sim import aggregators as aggregators_lib
 from fedjax_sim import metrics as metrics_lib
-from fedjax_sim import round as round_lib
+from fedjax_sim import engine as engine_lib
 from fedjax_sim import systems
 from fedjax_sim._checks import positive_int
 from fedjax_sim.algorithms import Algorithm
@@ -46,8 +47,8 @@ class SimulationResult:
       (with ``dissimilarity=True``); that round's client drift ``drift`` (``Σ p_k ‖θ_k − θ̄‖²``),
       ``update_norm_mean``, ``update_norm_max`` and ``participants``; and ``elapsed`` (seconds).
     info: plan, buckets, padding waste, compilations, timings.
-    state: the final server state (:class:`fedjax_sim.round.ServerState`: params, server optimizer
-      state, the algorithm's server and per-client states).
+    state: the final server state (:class:`fedjax_sim.ServerState`: params, server optimizer
+      state, the algorithm's server and per-client states, the aggregator's states).
   """
   params: Any
   history: dict
@@ -107,7 +108,7 @@ def auto_chunk_size(param_count: int, batch: int) -> int:
 
 def choose_plan(plan: str, chunk_size: int | None, model: Model, params, feature_shape,
                 batch: int, backend: str, x_dtype=jnp.float32,
-                compiled_block: bool = False) -> round_lib.Plan:
+                compiled_block: bool = False) -> engine_lib.Plan:
   """Resolves ``plan="auto"`` per backend and model size; validates explicit choices.
 
   ``compiled_block``: the caller needs every round inside one compiled block (sweeps, streamed
@@ -132,7 +133,7 @@ def choose_plan(plan: str, chunk_size: int | None, model: Model, params, feature
     chunk_size = auto_chunk_size(num_params(params), batch)
   elif plan == "host_loop":
     chunk_size = chunk_size or 1
-  return round_lib.Plan(plan, chunk_size, unroll)
+  return engine_lib.Plan(plan, chunk_size, unroll)
 
 
 def _cohort_size(num_clients: int, clients_per_round, client_fraction) -> int:
@@ -173,8 +174,8 @@ def check_arguments(algorithm, model, train, test=None, rounds=1, clients_per_ro
     raise ValueError(f"seed must be an integer, got {seed!r}")
   rounds = positive_int("rounds", rounds)
   eval_every = positive_int("eval_every", eval_every)
-  if plan not in round_lib.PLANS:
-    raise ValueError(f"plan must be one of {', '.join(round_lib.PLANS)}, got {plan!r}")
+  if plan not in engine_lib.PLANS:
+    raise ValueError(f"plan must be one of {', '.join(engine_lib.PLANS)}, got {plan!r}")
   if chunk_size is not None:
     positive_int("chunk_size", chunk_size)
   block_len = min(rounds, positive_int("rounds_per_block", rounds_per_block or 10))
@@ -187,7 +188,8 @@ def simulate(algorithm: Algorithm, model: Model, train: FederatedData, rounds: i
              eval_every: int = 1, plan: str = "auto", chunk_size: int | None = None,
              rounds_per_block: int | None = None, bucketing: bool = True,
              system: systems.Heterogeneity | None = None, dissimilarity: bool = False,
-             population: str = "device", callback: Callable[[list[dict]], None] | None = None) -> SimulationResult:
+             population: str = "device", aggregator=None,
+             callback: Callable[[list[dict]], None] | None = None) -> SimulationResult:
   """Simulates ``rounds`` rounds of federated training.
 
   Args:
@@ -212,6 +214,8 @@ def simulate(algorithm: Algorithm, model: Model, train: FederatedData, rounds: i
       in host memory and each block's cohorts are streamed in, double-buffered; for populations
       larger than device memory). Same results; with ``"host"`` only ``test`` is evaluated (the
       whole training population never reaches the device).
+    aggregator: how the cohort's updates are combined (:mod:`fedjax_sim.aggregators`, e.g.
+      ``median()``); default the weighted mean (FedAvg's).
     callback: called after each block with the new history rows (dicts), e.g. to log them.
 
   Returns:
@@ -225,6 +229,7 @@ def simulate(algorithm: Algorithm, model: Model, train: FederatedData, rounds: i
       algorithm, model, train, test, rounds, clients_per_round, client_fraction, seed, eval_every,
       plan, chunk_size, rounds_per_block)
   system = systems.check(system)
+  aggregator = aggregators_lib.check(aggregator)
   if population not in ("device", "host"):
     raise ValueError(f"population must be 'device' or 'host', got {population!r}")
   streaming = population == "host"
@@ -246,19 +251,20 @@ def simulate(algorithm: Algorithm, model: Model, train: FederatedData, rounds: i
     eval_sets["test"] = test
   evaluate = evaluator(model, eval_sets, chosen.unroll)
   eval_data = [metrics_lib.eval_arrays(d) for d in eval_sets.values()]
-  engine = round_lib.build_engine(model, algorithm, train, chosen, cohort_size,
+  engine = engine_lib.build_engine(model, algorithm, train, chosen, cohort_size,
                                   jax.random.fold_in(key, STREAM_TRAIN), evaluate, eval_data,
                                   bucketing, system,
                                   metrics_lib.gradient_dissimilarity(model)
-                                  if dissimilarity else None, streaming=streaming)
+                                  if dissimilarity else None, streaming=streaming,
+                                  aggregator=aggregator)
   info = {
       "plan": chosen.name, "chunk_size": chosen.chunk_size, "unroll": chosen.unroll,
-      "population": population,
+      "population": population, "aggregator": aggregator.name,
       "backend": backend, "cohort_size": cohort_size, "rounds_per_block": block_len,
       "num_buckets": len(engine.buckets),
       "bucket_max_examples": [b.shape.max_examples for b in engine.buckets],
-      "padding_waste": round_lib.padding_waste(train.num_examples, engine.groups, algorithm),
-      "padding_waste_unbucketed": round_lib.padding_waste(
+      "padding_waste": engine_lib.padding_waste(train.num_examples, engine.groups, algorithm),
+      "padding_waste_unbucketed": engine_lib.padding_waste(
           train.num_examples, [np.arange(train.num_clients)], algorithm),
   }
 

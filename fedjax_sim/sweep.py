@@ -21,8 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedjax_sim import aggregators as aggregators_lib
 from fedjax_sim import metrics as metrics_lib
-from fedjax_sim import round as round_lib
+from fedjax_sim import engine as engine_lib
 from fedjax_sim import simulation as sim
 from fedjax_sim import systems
 from fedjax_sim.algorithms import Algorithm
@@ -44,7 +45,7 @@ def simulate_sweep(algorithm: Algorithm, model: Model, trains, seeds: Sequence[i
                    eval_every: int = 1, plan: str = "auto", chunk_size: int | None = None,
                    rounds_per_block: int | None = None, bucketing: bool = True,
                    system: systems.Heterogeneity | None = None,
-                   dissimilarity: bool = False) -> list[sim.SimulationResult]:
+                   dissimilarity: bool = False, aggregator=None) -> list[sim.SimulationResult]:
   """Runs ``len(seeds)`` simulations in one compiled, vmapped program.
 
   Args:
@@ -55,7 +56,7 @@ def simulate_sweep(algorithm: Algorithm, model: Model, trains, seeds: Sequence[i
     hparams: per run, a dict overriding some of ``algorithm.hparams`` (e.g. ``{"mu": 1.0}``).
     tests: held-out data per run (or one for all, or ``None``).
     rounds, clients_per_round, client_fraction, eval_every, plan, chunk_size, rounds_per_block,
-    bucketing, system, dissimilarity: as in :func:`fedjax_sim.simulate`.
+    bucketing, system, dissimilarity, aggregator: as in :func:`fedjax_sim.simulate`.
 
   Returns:
     One :class:`~fedjax_sim.simulation.SimulationResult` per run. A run whose model becomes
@@ -87,6 +88,7 @@ def simulate_sweep(algorithm: Algorithm, model: Model, trains, seeds: Sequence[i
       raise ValueError("give a test set for every run or for none")
   cohort_size, block_len = shapes[0]
   system = systems.check(system)
+  aggregator = aggregators_lib.check(aggregator)
 
   params = [sim.initial_params(model, seed) for seed in seeds]
   for i, (train, test) in enumerate(zip(trains, tests)):
@@ -108,10 +110,10 @@ def simulate_sweep(algorithm: Algorithm, model: Model, trains, seeds: Sequence[i
   keys = jnp.stack([jax.random.fold_in(jax.random.key(int(s)), sim.STREAM_TRAIN) for s in seeds])
   run_hparams = {k: jnp.asarray([float(h.get(k, v)) for h in overrides], jnp.float32)
                  for k, v in algorithm.hparams.items()}
-  engine = round_lib.build_engine(model, algorithm, trains, chosen, cohort_size, keys, evaluate,
+  engine = engine_lib.build_engine(model, algorithm, trains, chosen, cohort_size, keys, evaluate,
                                   eval_data, bucketing, system,
                                   metrics_lib.gradient_dissimilarity(model) if dissimilarity else None,
-                                  hparams=run_hparams)
+                                  hparams=run_hparams, aggregator=aggregator)
 
   histories = [{"round": []} for _ in range(runs)]
   diverged: list[int | None] = [None] * runs
@@ -133,6 +135,7 @@ def simulate_sweep(algorithm: Algorithm, model: Model, trains, seeds: Sequence[i
         for k, v in row.items():
           histories[i].setdefault(k, []).append(v)
   info = {"plan": chosen.name, "chunk_size": chosen.chunk_size, "backend": backend, "runs": runs,
+          "aggregator": aggregator.name,
           "cohort_size": cohort_size, "rounds_per_block": block_len,
           "num_buckets": len(engine.buckets),
           "bucket_max_examples": [b.shape.max_examples for b in engine.buckets],

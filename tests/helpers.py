@@ -50,14 +50,14 @@ def assert_equal(a, b):
 
 
 def round_keys(seed: int, round_num: int):
-  """``(sample, clients, system)`` keys of round ``round_num`` (see ``fedjax_sim.round``)."""
+  """The named keys of round ``round_num`` (see ``fedjax_sim.engine.cohort``)."""
   train_key = jax.random.fold_in(jax.random.key(seed), STREAM_TRAIN)
-  return jax.random.split(jax.random.fold_in(train_key, round_num), 3)
+  return fs.engine.round_keys(train_key, round_num)
 
 
 def cohort(seed: int, round_num: int, num_clients: int, cohort_size: int) -> list[int]:
   """The global ids the engine samples in round ``round_num``, sorted."""
-  ids = fs.round.sample_cohort(round_keys(seed, round_num)[0], num_clients, cohort_size)
+  ids = fs.engine.sample_cohort(round_keys(seed, round_num)[0], num_clients, cohort_size)
   return sorted(np.asarray(ids).tolist())
 
 

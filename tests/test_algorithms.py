@@ -483,13 +483,13 @@ def test_gradient_dissimilarity_matches_numpy():
   p = fd.num_examples / fd.total_examples
   mean = sum(pk * g for pk, g in zip(p, grads))
   expected = sum(pk * np.sum((g - mean) ** 2) for pk, g in zip(p, grads))
-  from fedjax_sim import round as round_lib
-  buckets, bucket_of, _ = round_lib.make_buckets(fd.num_examples, alg.fedavg(), 4, None)
+  from fedjax_sim import engine as engine_lib
+  buckets, bucket_of, _ = engine_lib.make_buckets(fd.num_examples, alg.fedavg(), 4, None)
   buckets[0] = buckets[0]._replace(shape=buckets[0].shape._replace(max_examples=3))
   bucket_of = np.array([0, 0, 1, 1], np.int32)  # two buckets of two, whatever size_buckets chose
   buckets = [buckets[0]._replace(members=2), buckets[0]._replace(
       members=2, shape=buckets[0].shape._replace(max_examples=5))]
-  d = round_lib.device_data(fd, bucket_of)
+  d = engine_lib.device_data(fd, bucket_of)
   measure = metrics.gradient_dissimilarity(model, max_rows_per_chunk=8)
   out = jax.jit(lambda prm: measure(prm, d, buckets))({"kernel": jnp.asarray(w[:, None], jnp.float32)})
   np.testing.assert_allclose(out["grad_dissimilarity"], expected, rtol=1e-5)
@@ -511,7 +511,7 @@ def test_every_registered_algorithm_trains_compiles_once_and_keeps_state_shapes(
   loss = res.history["train_loss"]
   assert np.all(np.isfinite(loss)) and loss[-1] < 0.9 * loss[0], (name, loss)
   assert res.info["compilations"] == 1, name
-  init_state = jax.eval_shape(lambda: fs.round.ServerState(*res.state))  # shapes after 8 rounds
+  init_state = jax.eval_shape(lambda: fs.engine.ServerState(*res.state))  # shapes after 8 rounds
   again = fs.simulate(algo, model, fd, rounds=1)
   assert jax.tree.structure(again.state) == jax.tree.structure(res.state)
   for a, b in zip(jax.tree.leaves(init_state), jax.tree.leaves(again.state)):

@@ -117,7 +117,9 @@ def test_default_config_is_the_documented_scale():
 
 @pytest.mark.parametrize("algorithm,options", [
     ("fedprox", ["--set", "algorithm_options.mu=0.1"]),
-    ("scaffold", ["--set", "algorithm_options.option='I'"]),
+    ("scaffold", ["--set", "algorithm_options.option='I'", "--set", "aggregator=clip",
+                  "--set", "aggregator_options.max_norm=5.0",
+                  "--set", "aggregator_options.inner=median"]),
     ("fedadam", ["--set", "server_lr=0.05", "--set", "algorithm_options.convention='optax'"]),
     ("local_sgd_growing", ["--set", "algorithm_options.max_local_steps=4",
                            "--set", "algorithm_options.every=2"]),
@@ -129,6 +131,8 @@ def test_run_every_algorithm_family_from_the_config(algorithm, options, tmp_path
                "--set", "dissimilarity=true"]) == 0
   rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
   assert {"drift", "grad_dissimilarity", "participants", "train_client_accuracy_p10"} <= rows[-1].keys()
+  summary = json.loads((out / "summary.json").read_text())
+  assert summary["engine"]["aggregator"] == ("clip(median)" if algorithm == "scaffold" else "mean")
 
 
 @pytest.mark.parametrize("args,message", [
@@ -136,6 +140,13 @@ def test_run_every_algorithm_family_from_the_config(algorithm, options, tmp_path
     (["--set", "algorithm=fedprox", "--set", "algorithm_options.nu=1"], "algorithm_options"),
     (["--set", "system.straggler_policy='wait'"], "straggler_policy"),
     (["--set", "system.speed=1"], "unknown system keys"),
+    (["--set", "aggregator=trimmed"], "unknown aggregator 'trimmed'"),
+    (["--set", "aggregator=median", "--set", "aggregator_options.beta=0.1"],
+     "bad aggregator_options {'beta': 0.1} for aggregator 'median'"),
+    (["--set", "aggregator=clip", "--set", "aggregator_options.max_norm=-2"],
+     "max_norm must be a positive finite number, got -2"),
+    (["--set", "aggregator=clip", "--set", "aggregator_options.max_norm=1",
+      "--set", "aggregator_options.inner=clip"], "aggregator_options.inner must name"),
 ])
 def test_bad_algorithm_and_system_options_are_named(args, message, capsys, tmp_path):
   assert message in _error(args, capsys, tmp_path)

@@ -74,7 +74,7 @@ def test_matches_numpy_mlp_with_sampled_cohort():
   train_key = jax.random.fold_in(jax.random.key(5), STREAM_TRAIN)
   def cohort(r):
     key = jax.random.split(jax.random.fold_in(train_key, r), 3)[0]
-    return sorted(np.asarray(fs.round.sample_cohort(key, 6, 3)).tolist())
+    return sorted(np.asarray(fs.engine.sample_cohort(key, 6, 3)).tolist())
   expected = reference.fedavg("mlp", _np(init), list(zip(xs, ys)), rounds=3, lr=0.2, epochs=2,
                               batch_size=4, cohort=cohort)
   _close(res.params, expected)
@@ -190,7 +190,7 @@ def test_sort_shuffle_is_uniform_over_positions():
 
 def test_cohort_sampling_is_uniform_without_replacement():
   keys = jax.random.split(jax.random.key(0), 4000)
-  cohorts = np.asarray(jax.vmap(lambda k: fs.round.sample_cohort(k, 10, 3))(keys))
+  cohorts = np.asarray(jax.vmap(lambda k: fs.engine.sample_cohort(k, 10, 3))(keys))
   assert all(len(set(c)) == 3 for c in cohorts)
   counts = np.bincount(cohorts.ravel(), minlength=10) / len(cohorts)
   np.testing.assert_allclose(counts, 0.3, atol=0.03)
@@ -199,11 +199,11 @@ def test_cohort_sampling_is_uniform_without_replacement():
 def test_size_buckets_bound_padding():
   sizes = np.array([3, 4, 5, 9, 17, 30, 120, 400, 401, 800])
   algo = fs.algorithms.fedavg(batch_size=4)
-  groups = fs.round.size_buckets(sizes)
+  groups = fs.engine.size_buckets(sizes)
   assert sorted(np.concatenate(groups).tolist()) == list(range(len(sizes)))
   for g in groups:
     assert sizes[g].max() <= 2 * sizes[g].min()
-  assert fs.round.padding_waste(sizes, groups, algo) < 0.5 < fs.round.padding_waste(
+  assert fs.engine.padding_waste(sizes, groups, algo) < 0.5 < fs.engine.padding_waste(
       sizes, [np.arange(len(sizes))], algo)
 
 

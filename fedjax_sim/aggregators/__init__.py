@@ -1,0 +1,20 @@
+"""Aggregators: what happens between a client's local training and the server's rule.
+
+``simulate(..., aggregator=fs.aggregators.median())``; the default is :func:`mean`. A rule of
+one's own is an :class:`Aggregator` (a record of pure functions), unit-tested with
+:func:`aggregate` on stacked updates. See :mod:`fedjax_sim.aggregators._base` for the stages and
+for what an aggregator applies to.
+"""
+
+from fedjax_sim.aggregators._base import (REDUCTIONS, Aggregator, StreamSums, aggregate, check,
+                                          tree_norm, weighted_sums)
+from fedjax_sim.aggregators.clip import clip, clip_by_norm
+from fedjax_sim.aggregators.mean import mean, weighted_mean
+from fedjax_sim.aggregators.median import masked_median, median
+
+# name -> factory, for the CLI (``aggregator`` and ``aggregator_options.*``)
+REGISTRY = {"mean": mean, "median": median, "clip": clip}
+
+__all__ = ["Aggregator", "REDUCTIONS", "REGISTRY", "StreamSums", "aggregate", "check", "clip",
+           "clip_by_norm", "masked_median", "mean", "median", "tree_norm", "weighted_mean",
+           "weighted_sums"]

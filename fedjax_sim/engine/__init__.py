@@ -1,0 +1,100 @@
+"""The engine: one federated round, written once as a pipeline of stages, and its executors.
+
+```
+plan (cohort.py) ─▶ slots and client jobs (jobs.py) ─▶ local training (client.py, vmapped)
+  ─▶ algorithm's per-client result ─▶ aggregator's per-client transform ─▶ reduction (stream a
+  weighted sum, or collect the cohort) ─▶ aggregator's server transform ─▶ algorithm's server rule
+  ─▶ server optimizer                                            (round_step.py)
+```
+Buckets (``buckets.py``) give clients of similar size one compiled shape; the population lives on
+the device or is streamed from host memory (``population.py``); ``executors/compiled.py`` runs a
+block of rounds in one program (also vmapped over a sweep's runs), ``executors/host_loop.py``
+drives the same stages from Python. :func:`build_engine` composes them.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import jax.numpy as jnp
+import numpy as np
+
+from fedjax_sim import aggregators as aggregators_lib
+from fedjax_sim import client as client_lib
+from fedjax_sim import systems
+from fedjax_sim.algorithms import Algorithm
+from fedjax_sim.engine.buckets import Bucket, make_buckets, padding_waste, size_buckets
+from fedjax_sim.engine.cohort import RoundKeys, round_keys, sample_cohort
+from fedjax_sim.engine.executors import compiled, host_loop
+from fedjax_sim.engine.population import CohortStream, DeviceData, device_data
+from fedjax_sim.engine.round_step import ROUND_STATS, ServerState
+from fedjax_sim.engine.spec import PLANS, Plan, RoundSpec
+
+
+class Engine(NamedTuple):
+  """The compiled pieces of a simulation (built by :func:`build_engine`)."""
+  run_block: Callable  # (state, rounds[R], active[R], evaluate[R]) -> (state, metrics dict of [R])
+  init_state: Callable  # params -> ServerState
+  buckets: list
+  groups: list  # client indices of each bucket
+  plan: Plan
+  spec: RoundSpec
+
+
+def build_engine(model, algo: Algorithm, train, plan: Plan, cohort_size: int, train_key,
+                 evaluate: Callable, eval_data, bucketing: bool = True,
+                 system: systems.Heterogeneity | None = None,
+                 population_metrics: Callable | None = None, hparams: dict | None = None,
+                 streaming: bool = False, aggregator=None) -> Engine:
+  """Builds the round for one (model, algorithm, aggregator, dataset, plan), or for a sweep.
+
+  A sweep (``train`` a list of datasets with the same number of clients; ``train_key``,
+  ``eval_data``, ``hparams`` and the state stacked on a leading run axis) runs every run in the
+  same compiled program, vmapped over runs.
+
+  Args:
+    model, algo: the model and the algorithm.
+    train: the training :class:`~fedjax_sim.data.FederatedData` (a list for a sweep).
+    plan: the execution :class:`Plan`.
+    cohort_size: clients per round.
+    train_key: the training randomness stream (``[runs]`` keys for a sweep).
+    evaluate: ``fn(params, eval_data) -> {name: scalar}``, the metrics of evaluated rounds.
+    eval_data: the arrays ``evaluate`` reads (passed to the compiled block as an argument).
+    bucketing: group clients by size (``False``: one bucket padded to the largest client).
+    system: stragglers and dropouts.
+    population_metrics: ``fn(params, device_data, buckets) -> {name: scalar}``, more metrics of
+      evaluated rounds that read the training population (e.g. gradient dissimilarity).
+    hparams: the algorithm's hyperparameters (default ``algo.hparams``; ``[runs]`` for a sweep).
+    streaming: keep the population on the host and stream each block's cohorts in.
+    aggregator: a :class:`fedjax_sim.aggregators.Aggregator` (default ``mean()``).
+  """
+  sweep = isinstance(train, (list, tuple))
+  num_clients = train[0].num_clients if sweep else train.num_clients
+  if sweep and plan.name == "host_loop":
+    raise ValueError("a sweep runs inside one compiled program; plan 'host_loop' cannot run it")
+  if streaming and (sweep or plan.name == "host_loop" or population_metrics is not None):
+    raise ValueError("a streamed population runs with plan vmap/chunked/scan, without sweeps or "
+                     "population metrics (dissimilarity)")
+  system = systems.check(system)
+  aggregator = aggregators_lib.check(aggregator)
+  sizes = np.stack([t.num_examples for t in train]) if sweep else train.num_examples
+  buckets, bucket_of, groups = make_buckets(sizes, algo, cohort_size, plan.chunk_size, bucketing,
+                                            variable_steps=system.partial)
+  spec = RoundSpec(model, algo, aggregator, buckets, num_clients, cohort_size, system, plan,
+                   client_lib.shuffle_method(int(np.max(sizes))), streaming)
+  hparams = {k: jnp.asarray(v, jnp.float32)
+             for k, v in (algo.hparams if hparams is None else hparams).items()}
+  if plan.name == "host_loop":
+    run_block, init_state = host_loop.build(spec, device_data(train, bucket_of), train_key,
+                                            evaluate, eval_data, population_metrics, hparams)
+  else:
+    stream = CohortStream(train, bucket_of, cohort_size) if streaming else None
+    data = None if streaming else device_data(train, bucket_of)
+    run_block, init_state = compiled.build(spec, data, train_key, evaluate, eval_data,
+                                           population_metrics, hparams, sweep, stream)
+  return Engine(run_block, init_state, buckets, groups, plan, spec)
+
+
+__all__ = ["Bucket", "CohortStream", "DeviceData", "Engine", "PLANS", "Plan", "ROUND_STATS",
+           "RoundKeys", "RoundSpec", "ServerState", "build_engine", "device_data", "make_buckets",
+           "padding_waste", "round_keys", "sample_cohort", "size_buckets"]

@@ -1,0 +1,120 @@
+"""Size buckets: clients of similar size share one compiled shape.
+
+Clients are grouped so that within a group the largest is at most 2× the smallest; each round the
+cohort members of a bucket are packed into ``num_chunks × chunk`` slots (empty slots are masked and
+chunks without any member are skipped). See docs/design.md, item 2.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedjax_sim import client as client_lib
+from fedjax_sim.algorithms import Algorithm
+
+
+class Bucket(NamedTuple):
+  """Clients of similar size that share one compiled shape.
+
+  Attributes:
+    shape: static client shapes (see :class:`client.BucketShape`).
+    capacity: most of its members one round can sample (``min(cohort, members)``).
+    chunk: clients vmapped together.
+    members: number of population clients in the bucket.
+    dense: a round is expected to fill at least half the capacity (full participation, or one
+      bucket): the shuffles are then drawn for the whole bucket at once rather than per chunk.
+  """
+  shape: client_lib.BucketShape
+  capacity: int
+  chunk: int
+  members: int
+  dense: bool = True
+
+  @property
+  def num_chunks(self) -> int:
+    return -(-self.capacity // self.chunk)
+
+
+def size_buckets(num_examples: np.ndarray, growth: float = 2.0, max_buckets: int = 6) -> list[np.ndarray]:
+  """Groups clients so that within a group the largest is at most ``growth`` × the smallest.
+
+  Returns a list of index arrays (each sorted by client id). With equal sizes there is one group.
+  When more than ``max_buckets`` groups would be needed, ``growth`` is raised until they fit.
+  """
+  order = np.argsort(num_examples, kind="stable")
+  sizes = num_examples[order]
+  while True:
+    groups, start = [], 0
+    while start < len(sizes):
+      stop = np.searchsorted(sizes, sizes[start] * growth, side="right")
+      groups.append(order[start:stop])
+      start = stop
+    if len(groups) <= max_buckets:
+      return [np.sort(g) for g in groups]
+    growth *= 1.5
+
+
+def padding_waste(num_examples: np.ndarray, groups: list[np.ndarray], algo: Algorithm) -> float:
+  """Masked steps per real step when every client runs its bucket's step count (population mean)."""
+  real = client_lib.num_local_steps(num_examples, algo).astype(np.float64)
+  padded = np.zeros_like(real)
+  for g in groups:
+    padded[g] = real[g].max()
+  return float(padded.sum() / real.sum() - 1.0)
+
+
+def make_buckets(num_examples: np.ndarray, algo: Algorithm, cohort_size: int,
+                 chunk_size: int | None, bucketing: bool = True,
+                 variable_steps: bool = False) -> tuple[list[Bucket], np.ndarray, list]:
+  """Builds the buckets; returns ``(buckets, bucket_of_client, groups)``.
+
+  For a sweep (2-D sizes) a bucket is one chunk: runs in lockstep execute every chunk anyway
+  (under vmap over runs, ``lax.cond`` runs both branches), so splitting a bucket into chunks
+  would only run them one after another.
+
+  ``num_examples`` is ``[num_clients]``, or ``[runs, num_clients]`` for a sweep: then the buckets
+  are shared by every run (shapes fit the union of the runs' clients) and ``bucket_of_client`` is
+  ``[runs, num_clients]``; ``groups`` index the flattened sizes.
+  """
+  sizes = np.atleast_2d(num_examples)
+  num_clients = sizes.shape[1]
+  flat = sizes.reshape(-1)
+  groups = size_buckets(flat) if bucketing else [np.arange(flat.size)]
+  bucket_of = np.zeros(flat.size, np.int32)
+  for b, g in enumerate(groups):
+    bucket_of[g] = b
+  bucket_of = bucket_of.reshape(sizes.shape)
+  buckets = []
+  for b, g in enumerate(groups):
+    members = int((bucket_of == b).sum(axis=1).max())  # the most any one run has
+    capacity = min(cohort_size, members)
+    # A round samples about `expected` members of this bucket, rarely all `capacity` of them:
+    # chunks no larger than the expected count (next power of two) let lax.cond skip the rest.
+    expected = cohort_size * members / num_clients
+    chunk = min(capacity, 1 << max(0, math.ceil(math.log2(max(expected, 1.0)))))
+    if sizes.shape[0] > 1:
+      chunk = capacity
+    elif chunk_size is not None:
+      chunk = max(1, min(chunk_size, chunk))
+    buckets.append(Bucket(client_lib.bucket_shape(flat[g], algo, variable_steps), capacity,
+                          chunk, members, dense=capacity <= 2 * expected))
+  if np.ndim(num_examples) == 1:
+    bucket_of = bucket_of[0]
+  return buckets, bucket_of, groups
+
+
+def bucket_slots(cohort: jax.Array, bucket_of: jax.Array, b: int, bucket: Bucket):
+  """The cohort members in bucket ``b`` packed into ``num_chunks × chunk`` slots.
+
+  Returns ``(ids, pos)`` each ``[num_chunks, chunk]``: global client ids and cohort positions;
+  empty slots have ``pos == len(cohort)`` and id 0.
+  """
+  slots = bucket.num_chunks * bucket.chunk
+  pos = jnp.nonzero(bucket_of[cohort] == b, size=slots, fill_value=cohort.shape[0])[0]
+  ids = jnp.where(pos < cohort.shape[0], jnp.append(cohort, 0)[pos], 0)
+  return ids.reshape(bucket.num_chunks, bucket.chunk), pos.reshape(bucket.num_chunks, bucket.chunk)

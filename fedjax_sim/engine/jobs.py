@@ -1,0 +1,51 @@
+"""Stage 2 of a round: the cohort's slots in each size bucket, and each slot's client job (its
+rows, example count, step count this round and epoch orders)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from fedjax_sim import client as client_lib
+from fedjax_sim import systems
+from fedjax_sim.engine.buckets import Bucket, bucket_slots
+
+
+class Slots(NamedTuple):
+  """Bucket ``b``'s cohort slots, each field ``[num_chunks, chunk]``; empty slots have id 0 and
+  ``returns == False``."""
+  ids: jax.Array  # global client ids
+  returns: jax.Array  # the client's update reaches the server
+  straggler: jax.Array
+  u: jax.Array  # a partial straggler's work draw
+
+
+def slots(d, plan_r, b: int, bucket: Bucket) -> Slots:
+  """The cohort members of bucket ``b`` and their conditions."""
+  ids, pos = bucket_slots(plan_r.cohort, d.bucket_of, b, bucket)
+  at = lambda a, fill: jnp.append(a, fill)[pos]
+  c = plan_r.conditions
+  return Slots(ids, at(c.returns, False), at(c.straggler, False), at(c.u, 0.0))
+
+
+def client_jobs(spec, d, s: Slots, plan_r, shape: client_lib.BucketShape) -> client_lib.ClientJob:
+  """The :class:`fedjax_sim.client.ClientJob` of each slot (fields shaped like ``s.ids``); a client
+  that does not return gets ``num_examples = 0`` (its slot runs no real step)."""
+  algo = spec.algo
+  flat = lambda a: a.reshape(-1)
+  ids_f, ret_f = flat(s.ids), flat(s.returns)
+  n = jnp.where(ret_f, d.counts[ids_f], 0)
+  steps = (client_lib.num_local_steps(n, algo) if algo.hooks.round_steps is None
+           else jnp.full_like(n, jnp.minimum(plan_r.local_steps, algo.local_steps)))
+  if spec.system.partial:
+    spe = client_lib.steps_per_epoch(n, algo.batch_size)
+    epochs = None if algo.local_steps is not None else algo.local_epochs
+    steps = jnp.where(flat(s.straggler), systems.partial_steps(flat(s.u), steps, spe, epochs),
+                      steps)
+  client_key = plan_r.keys.clients
+  keys = jax.vmap(lambda i: jax.random.fold_in(client_key, i))(d.global_id(ids_f))
+  orders = client_lib.epoch_orders(keys, n, shape, algo.shuffle, spec.shuffle_method)
+  job = client_lib.ClientJob(d.offsets[ids_f], n, jnp.where(n > 0, steps, 0), orders)
+  return jax.tree.map(lambda a: a.reshape(*s.ids.shape, *a.shape[1:]), job)

@@ -157,7 +157,7 @@ def local_step(model, algo: Algorithm, shape: BucketShape, x_all: jax.Array, y_a
   """Local step ``t`` of one client: ``carry = (params, opt_state)`` → the next carry.
 
   The step's batch holds positions ``j·B … j·B + B − 1`` of epoch ``t // spe``'s order; its mean-loss
-  gradient goes through ``algo.hooks.gradient`` (e.g. FedProx's proximal term), then the client
+  gradient (or the gradient of ``algo.hooks.local_loss``) goes through ``algo.hooks.gradient`` (e.g. FedProx's proximal term), then the client
   optimizer, then ``algo.hooks.update_scale``. Steps ``t ≥ job.num_steps`` change nothing.
 
   Args:
@@ -180,8 +180,12 @@ def local_step(model, algo: Algorithm, shape: BucketShape, x_all: jax.Array, y_a
   local = job.orders[jnp.minimum(epoch, shape.num_epochs - 1),
                      jnp.minimum(pos, shape.max_examples - 1)]
   rows = job.offset + jnp.where(real, local, 0)
-  grads = jax.grad(model.loss)(w, x_all[rows], y_all[rows], real)
   hooks = algo.hooks
+  x, y = x_all[rows], y_all[rows]
+  if hooks.local_loss is None:
+    grads = jax.grad(model.loss)(w, x, y, real)
+  else:
+    grads = jax.grad(lambda p: hooks.local_loss(model, p, (x, y, real), context))(w)
   if hooks.gradient is not None:
     grads = hooks.gradient(grads, w, context)
   updates, new_opt_state = algo.client_optimizer.update(grads, opt_state, w)

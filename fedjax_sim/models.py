@@ -34,17 +34,31 @@ class Model(NamedTuple):
   Attributes:
     init: ``init(key) -> params`` (a pytree).
     apply: ``apply(params, x) -> outputs`` for a batch ``x`` of shape ``[batch, *feature_shape]``.
-    task: one of ``"regression"``, ``"binary"``, ``"multiclass"``.
+    task: one of ``"regression"``, ``"binary"``, ``"multiclass"`` (the metrics; and the loss unless
+      ``loss`` is given).
     name: a short human-readable name.
+    loss_fn: optional ``fn(outputs, y) -> [batch]`` per-example loss replacing the task's.
+    represent: optional ``fn(params, x) -> [batch, dim]`` representation (e.g. a projection head)
+      for representation-level objectives such as MOON's; default the outputs.
   """
   init: Callable[[jax.Array], Params]
   apply: Callable[[Params, jax.Array], jax.Array]
   task: str
   name: str = "model"
+  loss_fn: Callable | None = None
+  represent: Callable | None = None
 
   def per_example_loss(self, params: Params, x: jax.Array, y: jax.Array) -> jax.Array:
     """Loss of each example, shape ``[batch]``."""
-    return loss_from_outputs(self.task, self.apply(params, x), y)
+    out = self.apply(params, x)
+    if self.loss_fn is not None:
+      return self.loss_fn(out, y)
+    return loss_from_outputs(self.task, out, y)
+
+  def representation(self, params: Params, x: jax.Array) -> jax.Array:
+    """``represent(params, x)``, or the outputs when the model has no representation function."""
+    out = (self.represent or self.apply)(params, x)
+    return out.reshape(out.shape[0], -1)
 
   def loss(self, params: Params, x: jax.Array, y: jax.Array, mask: jax.Array | None = None):
     """Mean loss over the real examples of a batch (``mask`` marks them; all when ``None``)."""
@@ -87,9 +101,17 @@ def _check_task(task: str) -> str:
   return task
 
 
-def from_functions(init: Callable, apply: Callable, task: str, name: str = "custom") -> Model:
-  """Wraps any pure ``init(key) -> params`` and ``apply(params, x) -> outputs`` pair."""
-  return Model(init, apply, _check_task(task), name)
+def from_functions(init: Callable, apply: Callable, task: str, name: str = "custom",
+                   loss: Callable | None = None, represent: Callable | None = None) -> Model:
+  """Wraps any pure ``init(key) -> params`` and ``apply(params, x) -> outputs`` pair.
+
+  Args:
+    loss: optional ``fn(outputs, y) -> [batch]`` per-example loss (default: the task's).
+    represent: optional ``fn(params, x) -> [batch, dim]`` representation (see :class:`Model`).
+  """
+  if loss is not None and not callable(loss):
+    raise ValueError(f"loss must be a function of (outputs, y), got {type(loss).__name__}")
+  return Model(init, apply, _check_task(task), name, loss, represent)
 
 
 def from_linen(module, example_x, task: str, name: str | None = None) -> Model:

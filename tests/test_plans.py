@@ -10,7 +10,7 @@ import fedjax_sim as fs
 @pytest.fixture(scope="module")
 def setup():
   rng = np.random.default_rng(0)
-  sizes = [3, 5, 8, 13, 21, 34, 2, 40, 6, 9]  # several size buckets
+  sizes = [3, 5, 8, 13, 2, 6, 9, 4, 11, 7]  # three size buckets
   w = rng.normal(size=(4, 3))
   xs = [rng.normal(size=(n, 4)).astype(np.float32) for n in sizes]
   ys = [np.argmax(x @ w, 1).astype(np.int32) for x in xs]
@@ -135,7 +135,8 @@ def test_streamed_population_gives_the_device_path_numbers(setup):
   fd, model, algo = setup
   args = dict(rounds=5, clients_per_round=4, seed=3, eval_every=2, rounds_per_block=2,
               system=fs.Heterogeneity(0.3, "partial", 0.2))
-  for algorithm in (algo, fs.algorithms.scaffold(client_lr=0.1, local_epochs=2, batch_size=4)):
+  # FedAvg's streamed path is also pinned by the golden runs (tests/test_goldens.py)
+  for algorithm in (fs.algorithms.scaffold(client_lr=0.1, local_epochs=2, batch_size=4),):
     device = fs.simulate(algorithm, model, fd, test=fd, **args)
     host = fs.simulate(algorithm, model, fd, test=fd, population="host", **args)
     assert host.info["population"] == "host" and "train_loss" not in host.history

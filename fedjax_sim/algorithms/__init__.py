@@ -10,6 +10,7 @@ from fedjax_sim.algorithms.fednova import fednova
 from fedjax_sim.algorithms.fedopt import fedadagrad, fedadam, fedavgm, fedyogi, reddi_adaptive
 from fedjax_sim.algorithms.fedprox import fedprox
 from fedjax_sim.algorithms.local_sgd import local_sgd, local_sgd_adaptive, local_sgd_growing
+from fedjax_sim.algorithms.moon import moon
 from fedjax_sim.algorithms.scaffold import scaffold
 
 # name -> factory; the CLI, `fedjax-sim list` and the contract test read this.
@@ -26,6 +27,7 @@ REGISTRY = {
     "local_sgd": local_sgd,
     "local_sgd_growing": local_sgd_growing,
     "local_sgd_adaptive": local_sgd_adaptive,
+    "moon": moon,
 }
 
 __all__ = ["Algorithm", "ClientContext", "ClientOutput", "Hooks", "REGISTRY", "RoundSummary",

@@ -90,6 +90,10 @@ class Hooks(NamedTuple):
       server optimizer then steps on the pseudo-gradient ``−delta`` (default: ``mean_delta``).
     round_steps: ``fn(server_extra, round) -> H`` local steps this round (``≤ local_steps``, which
       is the static bound); for Local-SGD schedules.
+    local_loss: ``fn(model, params, batch, context) -> scalar``, the client's local objective on a
+      mini-batch ``batch = (x, y, mask)`` (``mask`` marks the batch's real examples); its gradient
+      replaces ``∇ model.loss(params, x, y, mask)``. For objectives that read the batch's inputs
+      and other models (MOON's contrastive term reads the global and the previous local model).
   """
   gradient: Callable | None = None
   update_scale: Callable | None = None
@@ -99,6 +103,7 @@ class Hooks(NamedTuple):
   client_result: Callable | None = None
   server_update: Callable | None = None
   round_steps: Callable | None = None
+  local_loss: Callable | None = None
 
 
 class Algorithm(NamedTuple):

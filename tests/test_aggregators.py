@@ -36,6 +36,11 @@ def test_median_is_numpy_median_over_unmasked_clients(num):
   # ties: a coordinate where most clients agree
   tied = {"a": jnp.array([[1.0], [1.0], [1.0], [7.0]])}
   assert float(agg.aggregate(agg.median(), tied, jnp.ones(4))["a"][0]) == 1.0
+  # signs, zeros of both signs, huge and tiny magnitudes (the order-preserving integer keys)
+  odd = np.array([-0.0, 0.0, -3.5, 1e30, -1e-30, 2.0, -7e25], np.float32)
+  for values in (odd, odd[:6]):
+    got = agg.aggregate(agg.median(), {"a": jnp.asarray(values)[:, None]}, jnp.ones(len(values)))
+    np.testing.assert_array_equal(got["a"], [np.median(values)])
 
 
 def test_mean_is_the_weighted_mean_and_stream_equals_collect():

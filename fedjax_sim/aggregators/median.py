@@ -7,23 +7,64 @@ clients that dropped out are ignored); with an even count, the mean of the two m
 by claiming many examples). A collect reduction: the cohort's updates are held as
 ``[slots, params]`` (4 bytes per parameter per slot, e.g. 24 MB for 10,000 clients of a
 610-parameter model).
+
+The order statistics are found without sorting (XLA:CPU sorts 10,000 × 610 values in about 1.2 s,
+7× a whole W1 round): each float32 is mapped to a uint32 key with the same order, and the k-th
+smallest key of every coordinate is built bit by bit from the most significant one (radix
+selection: 32 passes of "how many keys are below this candidate", each a fused compare-and-count
+over the collected updates), then the upper middle value of an even count takes one more pass.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from fedjax_sim.aggregators._base import Aggregator
 
+_SIGN = 0x80000000  # the float sign bit (compared as a jnp.uint32, never as a Python int)
+
+
+def sortable_keys(a: jax.Array) -> jax.Array:
+  """float32 → uint32 with the same order (negative floats flipped, positive ones offset)."""
+  bits = lax.bitcast_convert_type(a.astype(jnp.float32), jnp.uint32)
+  sign = jnp.uint32(_SIGN)
+  return jnp.where(bits >= sign, ~bits, bits | sign)
+
+
+def from_sortable_keys(keys: jax.Array) -> jax.Array:
+  """The inverse of :func:`sortable_keys`."""
+  bits = jnp.where(keys >= jnp.uint32(_SIGN), keys & jnp.uint32(0x7FFFFFFF), ~keys)
+  return lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def kth_smallest_keys(keys: jax.Array, mask: jax.Array, k: jax.Array) -> jax.Array:
+  """Per column of ``keys [slots, d]``, the ``k``-th smallest (0-based) among rows where ``mask``:
+  the largest key ``K`` with ``#{keys < K} ≤ k``, decided one bit at a time."""
+  valid = mask[:, None]
+  def step(i, found):
+    candidate = found | (jnp.uint32(1) << (31 - i).astype(jnp.uint32))
+    below = jnp.sum((keys < candidate[None]) & valid, axis=0)
+    return jnp.where(below <= k, candidate, found)
+  return lax.fori_loop(0, 32, step, jnp.zeros(keys.shape[1:], jnp.uint32))
+
 
 def masked_median(updates, weights, mask, state=None, *, key=None):
-  """Coordinate-wise median over the slots where ``mask`` is true."""
+  """Coordinate-wise median over the slots where ``mask`` is true (0 when none is)."""
   del weights, state, key
+  count = jnp.sum(mask.astype(jnp.int32))
+  lo_rank, hi_rank = (count - 1) // 2, count // 2
+
   def one(a):
-    keep = mask.reshape(-1, *([1] * (a.ndim - 1)))
-    med = jnp.nanmedian(jnp.where(keep, a.astype(jnp.float32), jnp.nan), axis=0)
-    return jnp.where(jnp.any(mask), med, 0.0).astype(a.dtype)
+    keys = sortable_keys(a.reshape(a.shape[0], -1))
+    lo = kth_smallest_keys(keys, mask, lo_rank)
+    valid = mask[:, None]
+    at_or_below = jnp.sum((keys <= lo[None]) & valid, axis=0)
+    above = jnp.min(jnp.where(valid & (keys > lo[None]), keys, jnp.uint32(0xFFFFFFFF)), axis=0)
+    hi = jnp.where(at_or_below > hi_rank, lo, above)
+    med = 0.5 * (from_sortable_keys(lo) + from_sortable_keys(hi))
+    return jnp.where(count > 0, med, 0.0).reshape(a.shape[1:]).astype(a.dtype)
   return jax.tree.map(one, updates)
 
 

@@ -28,7 +28,9 @@ def test_median_is_numpy_median_over_unmasked_clients(num):
   mask = np.array([True] * num + [False, False])
   rng = np.random.default_rng(1)
   mask = mask[rng.permutation(num + 2)]
-  poisoned = jax.tree.map(lambda a: jnp.where(mask.reshape(-1, *[1] * (a.ndim - 1)), a, 1e9),
+  garbage = jnp.where(jnp.arange(num + 2) % 2 == 0, 1e9, -1e9)  # above and below every value
+  poisoned = jax.tree.map(lambda a: jnp.where(mask.reshape(-1, *[1] * (a.ndim - 1)), a,
+                                              garbage.reshape(-1, *[1] * (a.ndim - 1))),
                           updates)  # masked slots hold garbage that must not matter
   got = agg.aggregate(agg.median(), poisoned, jnp.ones(num + 2), mask=mask)
   want = jax.tree.map(lambda a: np.median(np.asarray(a)[mask], axis=0), updates)

@@ -120,14 +120,15 @@ def test_every_aggregator_with_every_algorithm_family(population, name, algorith
   assert res.info["compilations"] == 1
 
 
-def test_median_in_the_engine_is_the_median_of_the_client_models():
+@pytest.mark.parametrize("plan", ["chunked", "host_loop"])
+def test_median_in_the_engine_is_the_median_of_the_client_models(plan):
   """Full participation over two size buckets in chunks of two (six chunks of collect slots):
   the new model is w + median_k(w_k − w) with w_k trained by the NumPy loop."""
   xs, ys = classification_clients([3, 4, 3, 9, 12, 10, 11], seed=6)
   fd, model = fs.FederatedData.from_arrays(xs, ys), fs.models.softmax_regression(5, 3)
   init = to_numpy(fs.simulation.initial_params(model, 0))
   res = fs.simulate(fs.algorithms.fedavg(client_lr=0.3, local_epochs=2, batch_size=4,
-                                         shuffle=False), model, fd, rounds=1, plan="chunked",
+                                         shuffle=False), model, fd, rounds=1, plan=plan,
                     chunk_size=2, aggregator=agg.median())
   assert res.info["num_buckets"] == 2
   trained = [reference.local_sgd("softmax", init, x, y, 0.3, 2, 4) for x, y in zip(xs, ys)]

@@ -11,31 +11,10 @@ from fedjax_sim import reference
 from fedjax_sim.datasets import logistic_demo
 from fedjax_sim.simulation import STREAM_TRAIN
 
-TOL = dict(rtol=1e-5, atol=1e-5)
-
-
-def _classification_clients(sizes, num_features=5, num_classes=3, seed=0):
-  rng = np.random.default_rng(seed)
-  w = rng.normal(size=(num_features, num_classes))
-  xs = [rng.normal(size=(n, num_features)).astype(np.float32) for n in sizes]
-  ys = [np.argmax(x @ w + rng.normal(size=(len(x), num_classes)), 1).astype(np.int32) for x in xs]
-  return xs, ys
-
-
-def _random_params(model, seed=1):
-  params = model.init(jax.random.key(0))
-  leaves, treedef = jax.tree.flatten(params)
-  rng = np.random.default_rng(seed)
-  return jax.tree.unflatten(treedef, [rng.normal(0, 0.3, l.shape).astype(np.float32) for l in leaves])
-
-
-def _np(params):
-  return jax.tree.map(np.asarray, params)
-
-
-def _close(a, b, **tol):
-  jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), **(tol or TOL)),
-               a, b)
+from helpers import assert_close as _close
+from helpers import classification_clients as _classification_clients
+from helpers import random_params as _random_params
+from helpers import to_numpy as _np
 
 
 def test_worked_single_step():

@@ -51,10 +51,12 @@ class Aggregator(NamedTuple):
   Attributes:
     name: registry name, e.g. ``"median"``.
     reduction: ``"stream"`` or ``"collect"`` (see the module docstring).
-    init: ``fn(params) -> state``, the aggregator's server-side state.
+    init: ``fn(update) -> state``, the aggregator's server-side state; ``update`` is shaped like
+      one client's update (in a simulation ``{"delta": params as float32, "message": None}``).
     client: ``fn(update, client_state, state, *, key) -> (update, client_state)`` applied to each
       client's update before the reduction (``None``: the identity).
-    init_client_state: ``fn(params) -> state`` of one client, kept on device for every
+    init_client_state: ``fn(update) -> state`` of one client (``update`` as for ``init``), kept
+      on device for every
       population client and written back by global client id (``None``: no per-client state).
     finalize: stream reductions: ``fn(StreamSums, state) -> aggregate``.
     reduce: collect reductions: ``fn(updates, weights, mask, state, *, key) -> aggregate`` with

@@ -56,8 +56,8 @@ class Aggregator(NamedTuple):
     client: ``fn(update, client_state, state, *, key) -> (update, client_state)`` applied to each
       client's update before the reduction (``None``: the identity).
     init_client_state: ``fn(update) -> state`` of one client (``update`` as for ``init``), kept
-      on device for every
-      population client and written back by global client id (``None``: no per-client state).
+      on device for every population client and written back by global client id (``None``: no
+      per-client state).
     finalize: stream reductions: ``fn(StreamSums, state) -> aggregate``.
     reduce: collect reductions: ``fn(updates, weights, mask, state, *, key) -> aggregate`` with
       leaves ``[slots, ...]``, ``weights [slots]`` and a boolean ``mask [slots]``.

@@ -10,7 +10,6 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 from fedjax_sim import aggregators as aggregators_lib
 from fedjax_sim import metrics as metrics_lib

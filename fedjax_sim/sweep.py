@@ -19,7 +19,6 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from fedjax_sim import aggregators as aggregators_lib
 from fedjax_sim import metrics as metrics_lib
@@ -27,7 +26,6 @@ from fedjax_sim import engine as engine_lib
 from fedjax_sim import simulation as sim
 from fedjax_sim import systems
 from fedjax_sim.algorithms import Algorithm
-from fedjax_sim.data import FederatedData
 from fedjax_sim.models import Model
 
 

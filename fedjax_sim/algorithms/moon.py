@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_sim._checks import non_negative_float, positive_float
-from fedjax_sim.algorithms._base import Algorithm, Hooks
+from fedjax_sim.algorithms._base import Algorithm
 from fedjax_sim.algorithms.fedavg import fedavg
 
 

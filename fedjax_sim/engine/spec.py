@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 PLANS = ("auto", "vmap", "chunked", "scan", "host_loop")
 

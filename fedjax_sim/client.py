@@ -157,8 +157,8 @@ def local_step(model, algo: Algorithm, shape: BucketShape, x_all: jax.Array, y_a
   """Local step ``t`` of one client: ``carry = (params, opt_state)`` → the next carry.
 
   The step's batch holds positions ``j·B … j·B + B − 1`` of epoch ``t // spe``'s order; its mean-loss
-  gradient (or the gradient of ``algo.hooks.local_loss``) goes through ``algo.hooks.gradient`` (e.g. FedProx's proximal term), then the client
-  optimizer, then ``algo.hooks.update_scale``. Steps ``t ≥ job.num_steps`` change nothing.
+  gradient (or the gradient of ``algo.hooks.local_loss``) goes through ``algo.hooks.gradient``
+  (e.g. FedProx's proximal term), then the client optimizer, then ``algo.hooks.update_scale``. Steps ``t ≥ job.num_steps`` change nothing.
 
   Args:
     model: the :class:`~fedjax_sim.models.Model`.

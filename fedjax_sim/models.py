@@ -35,7 +35,7 @@ class Model(NamedTuple):
     init: ``init(key) -> params`` (a pytree).
     apply: ``apply(params, x) -> outputs`` for a batch ``x`` of shape ``[batch, *feature_shape]``.
     task: one of ``"regression"``, ``"binary"``, ``"multiclass"`` (the metrics; and the loss unless
-      ``loss`` is given).
+      ``loss_fn`` is given).
     name: a short human-readable name.
     loss_fn: optional ``fn(outputs, y) -> [batch]`` per-example loss replacing the task's.
     represent: optional ``fn(params, x) -> [batch, dim]`` representation (e.g. a projection head)

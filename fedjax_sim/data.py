@@ -16,6 +16,12 @@ class DataError(ValueError):
   """Raised for malformed federated data; the message names the bad client or value."""
 
 
+def integral(y: np.ndarray) -> bool:
+  """True for float labels that are all whole numbers within int32's exact float range (±2²⁴)."""
+  return (np.issubdtype(y.dtype, np.floating) and y.size > 0 and bool(np.all(np.abs(y) <= 2 ** 24))
+          and bool(np.all(np.floor(y) == y)))
+
+
 class FederatedData:
   """A federated dataset: ``K`` clients, each with its own ``(x, y)`` examples.
 
@@ -41,6 +47,10 @@ class FederatedData:
   def from_arrays(cls, xs: Sequence[np.ndarray], ys: Sequence[np.ndarray],
                   client_ids: Sequence[str] | None = None) -> "FederatedData":
     """Builds a dataset from per-client arrays ``xs[k]`` (``[n_k, ...]``) and ``ys[k]`` (``[n_k]``).
+
+    Labels: integers (and booleans) become int32 class ids, and so do float labels whose values
+    are all whole numbers (LEAF and other JSON files write class ``3`` as ``3.0``); any other float
+    labels stay float32 (regression targets).
 
     Raises:
       DataError: no clients, a client without examples, ``len(x) != len(y)``, feature shapes that
@@ -82,7 +92,7 @@ class FederatedData:
     y_all = np.concatenate(ys)
     if np.issubdtype(x_all.dtype, np.floating) or x_all.dtype == np.bool_:
       x_all = x_all.astype(np.float32, copy=False)
-    if np.issubdtype(y_all.dtype, np.integer) or y_all.dtype == np.bool_:
+    if np.issubdtype(y_all.dtype, np.integer) or y_all.dtype == np.bool_ or integral(y_all):
       y_all = y_all.astype(np.int32, copy=False)
     else:
       y_all = y_all.astype(np.float32, copy=False)

@@ -518,3 +518,29 @@ def test_digits_dirichlet_is_label_skewed_and_registry():
   assert num_classes == 10 and train.num_clients == test.num_clients == 5
   with pytest.raises(ValueError, match="partition"):
     load_digits_federated("pathological")
+
+
+def test_leaf_labels_written_as_floats_load_as_classes_and_train(tmp_path, capsys):
+  """LEAF files of real datasets write class 3 as 3.0: they load as int32 classes and train a
+  softmax model through simulate and the CLI; non-integral float labels stay float."""
+  import fedjax_sim as fs
+  from fedjax_sim.cli import main
+  rng = np.random.default_rng(2)
+  users = {f"u{i}": (rng.normal(size=(n, 4)).round(3).tolist(),
+                     [float(c) for c in rng.integers(0, 3, n)]) for i, n in enumerate([5, 7, 6])}
+  path = _write_json(tmp_path / "leaf" / "data.json", _leaf_doc(users))
+  assert '.0' in path.read_text()
+  fd = load_leaf(str(path))
+  assert fd.y.dtype == np.int32 and sorted(set(fd.y.tolist())) <= [0, 1, 2]
+  res = fs.simulate(fs.algorithms.fedavg(client_lr=0.1, batch_size=4),
+                    fs.models.softmax_regression(4, 3), fd, rounds=2)
+  assert np.isfinite(res.history["train_loss"][-1])
+  out = tmp_path / "run"
+  assert main(["run", "--out", str(out), "--set", "dataset=leaf", "--set",
+               f"dataset_options.path={json.dumps(str(path))}", "--set", "clients_per_round=2",
+               "--set", "rounds=2", "--set", "batch_size=4", "--quiet"]) == 0, capsys.readouterr().err
+  assert (out / "summary.json").exists()
+  regression = fs.FederatedData.from_arrays([np.ones((2, 1))], [np.array([0.5, 2.0])])
+  assert regression.y.dtype == np.float32
+  whole = fs.FederatedData.from_arrays([np.ones((2, 1))], [np.array([1.0, 2.0])])
+  assert whole.y.dtype == np.int32 and whole.y.tolist() == [1, 2]

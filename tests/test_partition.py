@@ -199,8 +199,10 @@ def test_describe_exact_on_hand_built_data():
   assert describe(_hand_built(), num_classes=6)["num_classes"] == 6
   text = format_description(stats)
   assert "classes per client: mean" in text and "1.75" in text and "0.7083" in text
+  # whole-number float labels are class ids (FederatedData.from_arrays), so regression targets here
+  # are fractional
   regression = FederatedData.from_arrays([np.zeros((2, 1)), np.zeros((5, 1))],
-                                         [np.zeros(2, np.float32), np.ones(5, np.float32)])
+                                         [np.full(2, 0.5, np.float32), np.full(5, 1.5, np.float32)])
   reg_stats = describe(regression)
   assert set(reg_stats) == {"num_clients", "total_examples", "size_min", "size_p10",
                             "size_median", "size_p90", "size_max", "size_mean"}

@@ -297,6 +297,13 @@ def split(x, y, scheme: str, seed: int, num_clients: int | None = None, **option
     raise ValueError(f"partition must be one of {', '.join(SCHEMES)}, got {scheme!r}")
   fn = {"iid": iid, "dirichlet": dirichlet, "shards": shards, "quantity_skew": quantity_skew,
         "by_id": by_id}[scheme]
+  import inspect
+  given = {"x", "y", "num_clients", "seed", *options}
+  missing = [p.name for p in inspect.signature(fn).parameters.values()
+             if p.default is p.empty and p.name not in given]
+  if missing:
+    raise ValueError(f"partition {scheme!r} needs option(s) {', '.join(map(repr, missing))} "
+                     f"(in the CLI: dataset_options.{missing[0]}=...)")
   try:
     if scheme == "by_id":
       return fn(x, y, **options)

@@ -164,6 +164,8 @@ def test_by_id_round_trip():
     (lambda x, y: partition.quantity_skew(x, y, 100, seed=0, min_size=21), DataError,
      "min_size=21 need 2100"),
     (lambda x, y: partition.by_id(x, y, np.zeros(3)), DataError, r"ids must have shape \(2000,\)"),
+    (lambda x, y: partition.split(x, y, "dirichlet", 0, num_clients=5), ValueError,
+     r"partition 'dirichlet' needs option\(s\) 'alpha' \(in the CLI: dataset_options.alpha=...\)"),
 ])
 def test_bad_inputs_name_the_value(call, error, message):
   x, y = _data()

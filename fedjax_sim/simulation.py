@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -14,7 +15,7 @@ import numpy as np
 from fedjax_sim import aggregators as aggregators_lib
 from fedjax_sim import metrics as metrics_lib
 from fedjax_sim import engine as engine_lib
-from fedjax_sim import systems
+from fedjax_sim import privacy, systems
 from fedjax_sim._checks import positive_int
 from fedjax_sim.algorithms import Algorithm
 from fedjax_sim.data import DataError, FederatedData
@@ -44,7 +45,9 @@ class SimulationResult:
       apply, ``train_accuracy``, ``test_loss``, ``test_accuracy``, the per-client accuracy spread
       ``{train,test}_client_accuracy_{mean,p10,p90}``, ``grad_dissimilarity`` and ``grad_norm_sq``
       (with ``dissimilarity=True``); that round's client drift ``drift`` (``Σ p_k ‖θ_k − θ̄‖²``),
-      ``update_norm_mean``, ``update_norm_max`` and ``participants``; and ``elapsed`` (seconds).
+      ``update_norm_mean``, ``update_norm_max`` and ``participants``; under Poisson sampling
+      ``drawn`` (clients drawn that round); with a DP aggregator ``epsilon`` (cumulative, at the
+      aggregator's δ); and ``elapsed`` (seconds).
     info: plan, buckets, padding waste, compilations, timings.
     state: the final server state (:class:`fedjax_sim.ServerState`: params, server optimizer
       state, the algorithm's server and per-client states, the aggregator's states).
@@ -153,10 +156,27 @@ def _cohort_size(num_clients: int, clients_per_round, client_fraction) -> int:
   return num_clients
 
 
+def cohort_sampling(sampling: str, num_clients: int, clients_per_round, client_fraction):
+  """``(Sampling, cohort slots)`` of :func:`simulate`'s sampling arguments."""
+  if sampling == "fixed":
+    return (engine_lib.Sampling(),
+            _cohort_size(num_clients, clients_per_round, client_fraction))
+  if sampling != "poisson":
+    raise ValueError(f"sampling must be 'fixed' or 'poisson', got {sampling!r}")
+  if clients_per_round is not None or client_fraction is None:
+    raise ValueError("sampling='poisson' draws each client with probability client_fraction: "
+                     f"give client_fraction (got client_fraction={client_fraction!r}, "
+                     f"clients_per_round={clients_per_round!r})")
+  _cohort_size(num_clients, None, client_fraction)  # checks q ∈ (0, 1]
+  rate = float(client_fraction)
+  return (engine_lib.Sampling("poisson", rate), engine_lib.poisson_capacity(num_clients, rate))
+
+
 def check_arguments(algorithm, model, train, test=None, rounds=1, clients_per_round=None,
                     client_fraction=None, seed=0, eval_every=1, plan="auto", chunk_size=None,
-                    rounds_per_block=None) -> tuple[int, int]:
-  """Validates :func:`simulate`'s arguments; returns ``(cohort_size, rounds_per_block)``.
+                    rounds_per_block=None, sampling="fixed"):
+  """Validates :func:`simulate`'s arguments; returns ``(cohort_size, rounds_per_block,
+  Sampling)`` (for Poisson sampling the cohort size is the slot capacity).
 
   Raises:
     ValueError: naming the first bad argument and its value.
@@ -178,7 +198,39 @@ def check_arguments(algorithm, model, train, test=None, rounds=1, clients_per_ro
   if chunk_size is not None:
     positive_int("chunk_size", chunk_size)
   block_len = min(rounds, positive_int("rounds_per_block", rounds_per_block or 10))
-  return _cohort_size(train.num_clients, clients_per_round, client_fraction), block_len
+  how, cohort_size = cohort_sampling(sampling, train.num_clients, clients_per_round,
+                                     client_fraction)
+  return cohort_size, block_len, how
+
+
+def epsilon_of(aggregator, sampling, cohort_size: int, num_clients: int):
+  """``fn(rounds) -> ε`` of a DP aggregator (after setup) for these cohorts, else ``None``."""
+  accounting = aggregator.privacy
+  if accounting is None:
+    return None
+  z = float(aggregator.hparams["noise_multiplier"])
+  delta = accounting.delta or privacy.default_delta(num_clients)
+  if sampling.kind == "poisson":
+    rate, how = sampling.rate, "poisson"
+  else:
+    rate, how = cohort_size / num_clients, "fixed"
+  privacy.epsilon(z, rate, 1, delta, accountant=accounting.accountant, sampling=how,
+                  num_clients=num_clients)  # argument errors now, not after the first block
+  return lambda rounds: privacy.epsilon(z, rate, rounds, delta, accountant=accounting.accountant,
+                                        sampling=how, num_clients=num_clients)
+
+
+def check_overflow(metrics: dict, round_nums, active, capacity: int) -> list[int]:
+  """Rounds of a block whose Poisson draw exceeded the slot capacity (warned about: the extra
+  clients got no slot)."""
+  if "drawn" not in metrics:
+    return []
+  over = [int(r) for r, a, n in zip(round_nums, active, metrics["drawn"]) if a and n > capacity]
+  if over:
+    warnings.warn(f"Poisson sampling drew more clients than the {capacity} cohort slots in "
+                  f"round(s) {over}; the extra clients were not trained (recorded in "
+                  f"info['overflow_rounds'])", RuntimeWarning, stacklevel=3)
+  return over
 
 
 def simulate(algorithm: Algorithm, model: Model, train: FederatedData, rounds: int = 100,
@@ -187,7 +239,7 @@ def simulate(algorithm: Algorithm, model: Model, train: FederatedData, rounds: i
              eval_every: int = 1, plan: str = "auto", chunk_size: int | None = None,
              rounds_per_block: int | None = None, bucketing: bool = True,
              system: systems.Heterogeneity | None = None, dissimilarity: bool = False,
-             population: str = "device", aggregator=None,
+             population: str = "device", aggregator=None, sampling: str = "fixed",
              callback: Callable[[list[dict]], None] | None = None) -> SimulationResult:
   """Simulates ``rounds`` rounds of federated training.
 
@@ -198,6 +250,7 @@ def simulate(algorithm: Algorithm, model: Model, train: FederatedData, rounds: i
     rounds: number of rounds.
     clients_per_round: cohort size ``m`` (uniform without replacement);
     client_fraction: or ``C`` with ``m = max(1, int(C·K))``; neither means full participation.
+      With ``sampling="poisson"`` it is the inclusion probability ``q``.
     seed: the one integer all randomness derives from.
     test: optional held-out data evaluated with the training metrics.
     init_params: starting global params (default ``model.init`` of the ``init`` stream).
@@ -214,7 +267,12 @@ def simulate(algorithm: Algorithm, model: Model, train: FederatedData, rounds: i
       larger than device memory). Same results; with ``"host"`` only ``test`` is evaluated (the
       whole training population never reaches the device).
     aggregator: how the cohort's updates are combined (:mod:`fedjax_sim.aggregators`, e.g.
-      ``median()``); default the weighted mean (FedAvg's).
+      ``median()``, ``dp_mean(...)``); default the weighted mean (FedAvg's). A DP aggregator's
+      cumulative ε is recorded in ``history["epsilon"]``.
+    sampling: ``"fixed"`` (``m`` clients without replacement, the default) or ``"poisson"`` (each
+      client independently with probability ``client_fraction``; the cohort size varies, on
+      ``poisson_capacity`` static slots, and a round that draws more warns: see
+      :mod:`fedjax_sim.engine.cohort`).
     callback: called after each block with the new history rows (dicts), e.g. to log them.
 
   Returns:
@@ -224,9 +282,9 @@ def simulate(algorithm: Algorithm, model: Model, train: FederatedData, rounds: i
     ValueError / DataError: bad arguments, naming the bad value.
     TrainingDiverged: the model became non-finite; ``.history`` keeps the rows before it.
   """
-  cohort_size, block_len = check_arguments(
+  cohort_size, block_len, how = check_arguments(
       algorithm, model, train, test, rounds, clients_per_round, client_fraction, seed, eval_every,
-      plan, chunk_size, rounds_per_block)
+      plan, chunk_size, rounds_per_block, sampling)
   system = systems.check(system)
   aggregator = aggregators_lib.check(aggregator)
   if population not in ("device", "host"):
@@ -255,10 +313,12 @@ def simulate(algorithm: Algorithm, model: Model, train: FederatedData, rounds: i
                                   bucketing, system,
                                   metrics_lib.gradient_dissimilarity(model)
                                   if dissimilarity else None, streaming=streaming,
-                                  aggregator=aggregator)
+                                  aggregator=aggregator, sampling=how)
+  epsilon = epsilon_of(engine.spec.aggregator, how, cohort_size, train.num_clients)
   info = {
       "plan": chosen.name, "chunk_size": chosen.chunk_size, "unroll": chosen.unroll,
-      "population": population, "aggregator": aggregator.name,
+      "population": population, "aggregator": engine.spec.aggregator.name,
+      "sampling": how.kind, "overflow_rounds": [],
       "backend": backend, "cohort_size": cohort_size, "rounds_per_block": block_len,
       "num_buckets": len(engine.buckets),
       "bucket_max_examples": [b.shape.max_examples for b in engine.buckets],
@@ -277,7 +337,8 @@ def simulate(algorithm: Algorithm, model: Model, train: FederatedData, rounds: i
     metrics = jax.device_get(metrics)
     elapsed = time.perf_counter() - start
     block_seconds.append(elapsed - sum(block_seconds))
-    rows, diverged = history_rows(metrics, round_nums, active, do_eval, elapsed)
+    rows, diverged = history_rows(metrics, round_nums, active, do_eval, elapsed, epsilon)
+    info["overflow_rounds"] += check_overflow(metrics, round_nums, active, cohort_size)
     for row in rows:
       for k, v in row.items():
         history.setdefault(k, []).append(v)
@@ -320,8 +381,9 @@ def blocks(rounds: int, block_len: int, eval_every: int):
     yield round_nums, active, active & ((round_nums % eval_every == 0) | (round_nums == rounds))
 
 
-def history_rows(metrics: dict, round_nums, active, do_eval, elapsed: float):
-  """One block's metrics (``[block]`` arrays) → ``(rows of evaluated rounds, diverged round)``."""
+def history_rows(metrics: dict, round_nums, active, do_eval, elapsed: float, epsilon=None):
+  """One block's metrics (``[block]`` arrays) → ``(rows of evaluated rounds, diverged round)``;
+  ``epsilon(rounds)`` adds the cumulative privacy spent."""
   rows = []
   for i, r in enumerate(round_nums):
     if not active[i]:
@@ -330,7 +392,8 @@ def history_rows(metrics: dict, round_nums, active, do_eval, elapsed: float):
     if not metrics["finite"][i] or (do_eval[i] and not all(map(math.isfinite, row.values()))):
       return rows, int(r)
     if do_eval[i]:
-      rows.append({"round": int(r), **row, "elapsed": elapsed})
+      spent = {} if epsilon is None else {"epsilon": epsilon(int(r))}
+      rows.append({"round": int(r), **row, **spent, "elapsed": elapsed})
   return rows, None
 
 

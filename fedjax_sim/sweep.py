@@ -43,7 +43,9 @@ def simulate_sweep(algorithm: Algorithm, model: Model, trains, seeds: Sequence[i
                    eval_every: int = 1, plan: str = "auto", chunk_size: int | None = None,
                    rounds_per_block: int | None = None, bucketing: bool = True,
                    system: systems.Heterogeneity | None = None,
-                   dissimilarity: bool = False, aggregator=None) -> list[sim.SimulationResult]:
+                   dissimilarity: bool = False, aggregator=None, sampling: str = "fixed",
+                   aggregator_hparams: Sequence[dict] | None = None
+                   ) -> list[sim.SimulationResult]:
   """Runs ``len(seeds)`` simulations in one compiled, vmapped program.
 
   Args:
@@ -54,7 +56,9 @@ def simulate_sweep(algorithm: Algorithm, model: Model, trains, seeds: Sequence[i
     hparams: per run, a dict overriding some of ``algorithm.hparams`` (e.g. ``{"mu": 1.0}``).
     tests: held-out data per run (or one for all, or ``None``).
     rounds, clients_per_round, client_fraction, eval_every, plan, chunk_size, rounds_per_block,
-    bucketing, system, dissimilarity, aggregator: as in :func:`fedjax_sim.simulate`.
+    bucketing, system, dissimilarity, aggregator, sampling: as in :func:`fedjax_sim.simulate`.
+    aggregator_hparams: per run, a dict overriding some of ``aggregator.hparams`` (e.g.
+      ``{"noise_multiplier": 0.5}`` for :func:`~fedjax_sim.aggregators.dp_mean`).
 
   Returns:
     One :class:`~fedjax_sim.simulation.SimulationResult` per run. A run whose model becomes
@@ -68,6 +72,8 @@ def simulate_sweep(algorithm: Algorithm, model: Model, trains, seeds: Sequence[i
   trains = _per_run("trains", trains, runs)
   tests = _per_run("tests", tests, runs)
   overrides = _per_run("hparams", hparams if hparams is not None else {}, runs)
+  agg_overrides = _per_run("aggregator_hparams",
+                           aggregator_hparams if aggregator_hparams is not None else {}, runs)
   for i, h in enumerate(overrides):
     unknown = set(h) - set(algorithm.hparams)
     if unknown:
@@ -76,15 +82,15 @@ def simulate_sweep(algorithm: Algorithm, model: Model, trains, seeds: Sequence[i
   shapes = []
   for i, (train, test, seed) in enumerate(zip(trains, tests, seeds)):
     shapes.append(sim.check_arguments(algorithm, model, train, test, rounds, clients_per_round,
-                                      client_fraction, seed, eval_every, plan, chunk_size,
-                                      rounds_per_block))
+                                       client_fraction, seed, eval_every, plan, chunk_size,
+                                      rounds_per_block, sampling))
     if (train.num_clients, train.feature_shape) != (trains[0].num_clients, trains[0].feature_shape):
       raise ValueError(f"trains[{i}] has {train.num_clients} clients of feature shape "
                        f"{train.feature_shape}; trains[0] has {trains[0].num_clients} of "
                        f"{trains[0].feature_shape}: a sweep needs them equal")
     if (test is None) != (tests[0] is None):
       raise ValueError("give a test set for every run or for none")
-  cohort_size, block_len = shapes[0]
+  cohort_size, block_len, how = shapes[0]
   system = systems.check(system)
   aggregator = aggregators_lib.check(aggregator)
 
@@ -111,10 +117,14 @@ def simulate_sweep(algorithm: Algorithm, model: Model, trains, seeds: Sequence[i
   engine = engine_lib.build_engine(model, algorithm, trains, chosen, cohort_size, keys, evaluate,
                                   eval_data, bucketing, system,
                                   metrics_lib.gradient_dissimilarity(model) if dissimilarity else None,
-                                  hparams=run_hparams, aggregator=aggregator)
+                                  hparams=run_hparams, aggregator=aggregator, sampling=how,
+                                  aggregator_hparams=agg_overrides)
+  num_clients = trains[0].num_clients
+  epsilons = [sim.epsilon_of(a, how, cohort_size, num_clients) for a in engine.aggregators]
 
   histories = [{"round": []} for _ in range(runs)]
   diverged: list[int | None] = [None] * runs
+  overflow: list[list[int]] = [[] for _ in range(runs)]
   block_seconds = []
   state = engine.init_state(stack(params))
   start = time.perf_counter()
@@ -127,13 +137,15 @@ def simulate_sweep(algorithm: Algorithm, model: Model, trains, seeds: Sequence[i
     for i in range(runs):
       if diverged[i] is not None:
         continue
-      rows_i, diverged[i] = sim.history_rows({k: v[i] for k, v in metrics.items()}, round_nums,
-                                             active, do_eval, elapsed)
+      metrics_i = {k: v[i] for k, v in metrics.items()}
+      rows_i, diverged[i] = sim.history_rows(metrics_i, round_nums, active, do_eval, elapsed,
+                                             epsilons[i])
+      overflow[i] += sim.check_overflow(metrics_i, round_nums, active, cohort_size)
       for row in rows_i:
         for k, v in row.items():
           histories[i].setdefault(k, []).append(v)
   info = {"plan": chosen.name, "chunk_size": chosen.chunk_size, "backend": backend, "runs": runs,
-          "aggregator": aggregator.name,
+          "aggregator": engine.spec.aggregator.name, "sampling": how.kind,
           "cohort_size": cohort_size, "rounds_per_block": block_len,
           "num_buckets": len(engine.buckets),
           "bucket_max_examples": [b.shape.max_examples for b in engine.buckets],
@@ -144,5 +156,7 @@ def simulate_sweep(algorithm: Algorithm, model: Model, trains, seeds: Sequence[i
     run_state = jax.tree.map(lambda a: a[i], state)
     results.append(sim.SimulationResult(run_state.params, histories[i],
                                         dict(info, seed=seeds[i], hparams=dict(overrides[i]),
+                                             aggregator_hparams=dict(agg_overrides[i]),
+                                             overflow_rounds=overflow[i],
                                              diverged_at_round=diverged[i]), run_state))
   return results

@@ -102,6 +102,11 @@ def test_default_and_explicit_mean_are_bit_identical(population):
                fs.simulate(algo, model, fd, aggregator=agg.mean(), **args).state)
 
 
+# what the factories that need options get (adaptive DP: its state changes every round)
+REQUIRED_OPTIONS = {"clip": {"max_norm": 10.0},
+                    "dp_mean": {"clip_norm": 1.0, "noise_multiplier": 0.01, "target_quantile": 0.5}}
+
+
 @pytest.mark.parametrize("name", sorted(agg.REGISTRY))
 @pytest.mark.parametrize("algorithm", ["fedavg", "scaffold", "fednova"])
 def test_every_aggregator_with_every_algorithm_family(population, name, algorithm):
@@ -109,7 +114,7 @@ def test_every_aggregator_with_every_algorithm_family(population, name, algorith
   state, so one compilation also shows the state kept its tree, shapes and dtypes (a changed
   aval would have compiled again; inside a block, lax.scan enforces it)."""
   fd, model = population
-  aggregator = agg.REGISTRY[name](**({"max_norm": 10.0} if name == "clip" else {}))
+  aggregator = agg.REGISTRY[name](**REQUIRED_OPTIONS.get(name, {}))
   algo = fs.algorithms.REGISTRY[algorithm](client_lr=0.2, local_epochs=2, batch_size=4)
   res = fs.simulate(algo, model, fd, rounds=4, rounds_per_block=2, clients_per_round=4, seed=1,
                     aggregator=aggregator, eval_every=4)

@@ -6,15 +6,16 @@ one's own is an :class:`Aggregator` (a record of pure functions), unit-tested wi
 for what an aggregator applies to.
 """
 
-from fedjax_sim.aggregators._base import (REDUCTIONS, Aggregator, StreamSums, aggregate, check,
-                                          tree_norm, weighted_sums)
+from fedjax_sim.aggregators._base import (REDUCTIONS, Aggregator, CohortInfo, StreamSums,
+                                          aggregate, check, prepare, tree_norm, weighted_sums)
 from fedjax_sim.aggregators.clip import clip, clip_by_norm
+from fedjax_sim.aggregators.dp import dp_mean
 from fedjax_sim.aggregators.mean import mean, weighted_mean
 from fedjax_sim.aggregators.median import masked_median, median
 
 # name -> factory, for the CLI (``aggregator`` and ``aggregator_options.*``)
-REGISTRY = {"mean": mean, "median": median, "clip": clip}
+REGISTRY = {"mean": mean, "median": median, "clip": clip, "dp_mean": dp_mean}
 
-__all__ = ["Aggregator", "REDUCTIONS", "REGISTRY", "StreamSums", "aggregate", "check", "clip",
-           "clip_by_norm", "masked_median", "mean", "median", "tree_norm", "weighted_mean",
-           "weighted_sums"]
+__all__ = ["Aggregator", "CohortInfo", "REDUCTIONS", "REGISTRY", "StreamSums", "aggregate", "check",
+           "clip", "clip_by_norm", "dp_mean", "masked_median", "mean", "median", "prepare",
+           "tree_norm", "weighted_mean", "weighted_sums"]

@@ -14,6 +14,11 @@ server rule, in three optional stages (optax style: a record of pure functions, 
 3. ``server``: a server-side transform with the aggregator's state and its own key (noise,
    adaptive clipping).
 
+An aggregator may also specialize itself once the cohort is known (``setup``, given a
+:class:`CohortInfo`: e.g. DP's fixed denominator, the expected cohort size), force uniform weights
+(``weighting="uniform"``), name numeric ``hparams`` that live in its state (so a sweep can vary
+them per run, as data), and declare its ``privacy`` accounting.
+
 What an aggregator applies to: each client's whole message to the server, the pytree
 ``{"delta": θ_k − θ, "message": m_k}`` where ``m_k`` is the algorithm's own message
 (:attr:`fedjax_sim.algorithms.Hooks.client_result`: SCAFFOLD's ``Δc_i``, FedNova's normalized
@@ -31,6 +36,13 @@ import jax
 import jax.numpy as jnp
 
 REDUCTIONS = ("stream", "collect")
+
+
+class CohortInfo(NamedTuple):
+  """What :attr:`Aggregator.setup` learns about the cohorts before the round is built."""
+  expected_clients: float  # E|cohort|: m for fixed-size cohorts, q·N for Poisson sampling
+  num_clients: int  # the population N
+  slots: int  # the static number of cohort slots (m, or the Poisson capacity)
 
 
 class StreamSums(NamedTuple):
@@ -63,6 +75,16 @@ class Aggregator(NamedTuple):
       leaves ``[slots, ...]``, ``weights [slots]`` and a boolean ``mask [slots]``.
     server: ``fn(aggregate, state, *, key) -> (aggregate, state)`` after the reduction
       (``None``: the identity).
+    weighting: ``"uniform"`` gives every returning client weight 1 whatever the algorithm's
+      weighting (DP); ``None`` keeps the algorithm's.
+    hparams: numeric options (name → value) that the functions read from the state, a dict
+      holding them under these names; :func:`simulate_sweep`'s ``aggregator_hparams`` varies them
+      per run.
+    setup: ``fn(CohortInfo, hparams) -> Aggregator``, run once before the round is built (by the
+      engine and by :func:`aggregate`): checks the options, naming bad values, and returns the
+      aggregator specialized to the cohort (``None``: used as is).
+    privacy: the DP accounting of the aggregator's noise
+      (:class:`fedjax_sim.privacy.Accounting`), read by the simulation to record ``epsilon``.
   """
   name: str
   reduction: str
@@ -72,6 +94,10 @@ class Aggregator(NamedTuple):
   finalize: Callable | None = None
   reduce: Callable | None = None
   server: Callable | None = None
+  weighting: str | None = None
+  hparams: dict | None = None
+  setup: Callable | None = None
+  privacy: Any = None
 
 
 def check(aggregator) -> "Aggregator":
@@ -86,10 +112,28 @@ def check(aggregator) -> "Aggregator":
     raise ValueError(f"aggregator {aggregator.name!r}: reduction must be 'stream' or 'collect', "
                      f"got {aggregator.reduction!r}")
   needed = "finalize" if aggregator.reduction == "stream" else "reduce"
-  if getattr(aggregator, needed) is None:
+  if getattr(aggregator, needed) is None and aggregator.setup is None:
     raise ValueError(f"aggregator {aggregator.name!r} has a {aggregator.reduction} reduction but "
                      f"no {needed} function")
+  if aggregator.weighting not in (None, "uniform"):
+    raise ValueError(f"aggregator {aggregator.name!r}: weighting must be None or 'uniform', got "
+                     f"{aggregator.weighting!r}")
   return aggregator
+
+
+def prepare(aggregator, info: CohortInfo, hparams: dict | None = None) -> "Aggregator":
+  """Checks ``aggregator`` and specializes it to the cohorts ``info`` describes, with its
+  ``hparams`` overridden by ``hparams`` (names it does not have are an error)."""
+  aggregator = check(aggregator)
+  known = dict(aggregator.hparams or {})
+  unknown = sorted(set(hparams or {}) - set(known))
+  if unknown:
+    raise ValueError(f"aggregator {aggregator.name!r} has no hparam(s) {unknown} (its hparams: "
+                     f"{sorted(known) or 'none'})")
+  known.update(hparams or {})
+  if aggregator.setup is None:
+    return aggregator
+  return check(aggregator.setup(info, known))
 
 
 def tree_norm(tree) -> jax.Array:
@@ -106,7 +150,7 @@ def weighted_sums(updates, weights, mask) -> StreamSums:
 
 
 def aggregate(aggregator: Aggregator, client_updates, weights, *, key=None, mask=None,
-              state=None, client_states=None):
+              state=None, client_states=None, expected_clients=None, return_state=False):
   """Applies ``aggregator`` to a stacked batch of client updates, outside any simulation.
 
   This is how a rule of one's own is unit-tested: the same three stages the engine runs
@@ -120,11 +164,13 @@ def aggregate(aggregator: Aggregator, client_updates, weights, *, key=None, mask
     mask: ``[clients]`` booleans, ``False`` for slots to ignore (default all ``True``).
     state: the aggregator state (default ``aggregator.init`` of one client's update).
     client_states: stacked per-client states (default ``init_client_state`` for each client).
+    expected_clients: the expected cohort size an aggregator with ``setup`` is specialized to
+      (DP's fixed denominator; default the number of clients given).
+    return_state: also return the aggregator's new state (e.g. an adapted clip norm).
 
   Returns:
-    The aggregate, a pytree like one client's update.
+    The aggregate, a pytree like one client's update (and the new state with ``return_state``).
   """
-  aggregator = check(aggregator)
   leaves = jax.tree.leaves(client_updates)
   if not leaves or any(jnp.ndim(a) < 1 for a in leaves):
     raise ValueError("client_updates must be a pytree of arrays with a leading client axis")
@@ -136,6 +182,10 @@ def aggregate(aggregator: Aggregator, client_updates, weights, *, key=None, mask
   if weights.shape != (num,):
     raise ValueError(f"weights must have shape ({num},), got {weights.shape}")
   mask = jnp.ones(num, bool) if mask is None else jnp.asarray(mask, bool)
+  expected = num if expected_clients is None else expected_clients
+  aggregator = prepare(aggregator, CohortInfo(expected, num, num))
+  if aggregator.weighting == "uniform":
+    weights = jnp.ones(num, jnp.float32)
   key = jax.random.key(0) if key is None else key
   one = jax.tree.map(lambda a: a[0], client_updates)
   state = aggregator.init(one) if state is None else state
@@ -151,5 +201,5 @@ def aggregate(aggregator: Aggregator, client_updates, weights, *, key=None, mask
   else:
     result = aggregator.reduce(client_updates, weights, mask, state, key=reduce_key)
   if aggregator.server is not None:
-    result, _ = aggregator.server(result, state, key=server_key)
-  return result
+    result, state = aggregator.server(result, state, key=server_key)
+  return (result, state) if return_state else result

@@ -32,12 +32,17 @@ def clip(max_norm: float, inner: Aggregator | None = None) -> Aggregator:
     inner: the aggregator the clipped updates go to; its own client transform runs after the clip.
   """
   max_norm = positive_float("max_norm", max_norm)
-  inner = check(inner if inner is not None else mean())
+  return _clipped(max_norm, check(inner if inner is not None else mean()))
 
+
+def _clipped(max_norm: float, inner: Aggregator) -> Aggregator:
   def client(update, client_state, state, *, key):
     clipped = clip_by_norm(update, max_norm)
     if inner.client is None:
       return clipped, client_state
     return inner.client(clipped, client_state, state, key=key)
 
-  return inner._replace(name=f"clip({inner.name})", client=client)
+  # An inner rule specialized later (its setup) is clipped the same way.
+  setup = (None if inner.setup is None
+           else lambda info, hparams: _clipped(max_norm, check(inner.setup(info, hparams))))
+  return inner._replace(name=f"clip({inner.name})", client=client, setup=setup)

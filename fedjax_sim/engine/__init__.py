@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Callable, NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -24,7 +25,8 @@ from fedjax_sim import client as client_lib
 from fedjax_sim import systems
 from fedjax_sim.algorithms import Algorithm
 from fedjax_sim.engine.buckets import Bucket, make_buckets, padding_waste, size_buckets
-from fedjax_sim.engine.cohort import RoundKeys, round_keys, sample_cohort
+from fedjax_sim.engine.cohort import (RoundKeys, Sampling, poisson_capacity, round_keys,
+                                     sample_cohort)
 from fedjax_sim.engine.executors import compiled, host_loop
 from fedjax_sim.engine.population import CohortStream, DeviceData, device_data
 from fedjax_sim.engine.round_step import ROUND_STATS, ServerState
@@ -39,13 +41,15 @@ class Engine(NamedTuple):
   groups: list  # client indices of each bucket
   plan: Plan
   spec: RoundSpec
+  aggregators: list  # the aggregator set up for these cohorts, per run of a sweep (else one)
 
 
 def build_engine(model, algo: Algorithm, train, plan: Plan, cohort_size: int, train_key,
                  evaluate: Callable, eval_data, bucketing: bool = True,
                  system: systems.Heterogeneity | None = None,
                  population_metrics: Callable | None = None, hparams: dict | None = None,
-                 streaming: bool = False, aggregator=None) -> Engine:
+                 streaming: bool = False, aggregator=None, sampling: Sampling | None = None,
+                 aggregator_hparams: list | None = None) -> Engine:
   """Builds the round for one (model, algorithm, aggregator, dataset, plan), or for a sweep.
 
   A sweep (``train`` a list of datasets with the same number of clients; ``train_key``,
@@ -56,7 +60,7 @@ def build_engine(model, algo: Algorithm, train, plan: Plan, cohort_size: int, tr
     model, algo: the model and the algorithm.
     train: the training :class:`~fedjax_sim.data.FederatedData` (a list for a sweep).
     plan: the execution :class:`Plan`.
-    cohort_size: clients per round.
+    cohort_size: clients per round (for Poisson sampling, the slot capacity).
     train_key: the training randomness stream (``[runs]`` keys for a sweep).
     evaluate: ``fn(params, eval_data) -> {name: scalar}``, the metrics of evaluated rounds.
     eval_data: the arrays ``evaluate`` reads (passed to the compiled block as an argument).
@@ -67,6 +71,10 @@ def build_engine(model, algo: Algorithm, train, plan: Plan, cohort_size: int, tr
     hparams: the algorithm's hyperparameters (default ``algo.hparams``; ``[runs]`` for a sweep).
     streaming: keep the population on the host and stream each block's cohorts in.
     aggregator: a :class:`fedjax_sim.aggregators.Aggregator` (default ``mean()``).
+    sampling: how cohorts are drawn (:class:`~fedjax_sim.engine.cohort.Sampling`; default
+      fixed-size).
+    aggregator_hparams: a sweep's per-run overrides of the aggregator's ``hparams`` (each run's
+      aggregator state starts from its own values; the functions read them from the state).
   """
   sweep = isinstance(train, (list, tuple))
   num_clients = train[0].num_clients if sweep else train.num_clients
@@ -76,25 +84,41 @@ def build_engine(model, algo: Algorithm, train, plan: Plan, cohort_size: int, tr
     raise ValueError("a streamed population runs with plan vmap/chunked/scan, without sweeps or "
                      "population metrics (dissimilarity)")
   system = systems.check(system)
-  aggregator = aggregators_lib.check(aggregator)
+  sampling = sampling or Sampling()
+  expected = sampling.rate * num_clients if sampling.kind == "poisson" else cohort_size
+  info = aggregators_lib.CohortInfo(expected, num_clients, cohort_size)
+  runs = [aggregators_lib.prepare(aggregator, info, h) for h in (aggregator_hparams or [None])]
+  aggregator = runs[0]
   sizes = np.stack([t.num_examples for t in train]) if sweep else train.num_examples
   buckets, bucket_of, groups = make_buckets(sizes, algo, cohort_size, plan.chunk_size, bucketing,
                                             variable_steps=system.partial)
   spec = RoundSpec(model, algo, aggregator, buckets, num_clients, cohort_size, system, plan,
-                   client_lib.shuffle_method(int(np.max(sizes))), streaming)
+                   client_lib.shuffle_method(int(np.max(sizes))), streaming, sampling)
   hparams = {k: jnp.asarray(v, jnp.float32)
              for k, v in (algo.hparams if hparams is None else hparams).items()}
   if plan.name == "host_loop":
     run_block, init_state = host_loop.build(spec, device_data(train, bucket_of), train_key,
                                             evaluate, eval_data, population_metrics, hparams)
   else:
-    stream = CohortStream(train, bucket_of, cohort_size) if streaming else None
+    stream = CohortStream(train, bucket_of, cohort_size, sampling) if streaming else None
     data = None if streaming else device_data(train, bucket_of)
     run_block, init_state = compiled.build(spec, data, train_key, evaluate, eval_data,
                                            population_metrics, hparams, sweep, stream)
-  return Engine(run_block, init_state, buckets, groups, plan, spec)
+  if len(runs) > 1:
+    init_state = _per_run_aggregator_states(init_state, runs)
+  return Engine(run_block, init_state, buckets, groups, plan, spec, runs)
+
+
+def _per_run_aggregator_states(init_state, runs):
+  """A sweep's ``init_state`` whose aggregator state is each run's own (its hparams)."""
+  def init(params):
+    state = init_state(params)
+    update = {"delta": jax.tree.map(lambda a: a[0].astype(jnp.float32), params), "message": None}
+    per_run = [agg.init(update) for agg in runs]
+    return state._replace(aggregator=jax.tree.map(lambda *xs: jnp.stack(xs), *per_run))
+  return init
 
 
 __all__ = ["Bucket", "CohortStream", "DeviceData", "Engine", "PLANS", "Plan", "ROUND_STATS",
-           "RoundKeys", "RoundSpec", "ServerState", "build_engine", "device_data", "make_buckets",
-           "padding_waste", "round_keys", "sample_cohort", "size_buckets"]
+           "RoundKeys", "RoundSpec", "Sampling", "ServerState", "build_engine", "device_data", "make_buckets",
+           "padding_waste", "poisson_capacity", "round_keys", "sample_cohort", "size_buckets"]

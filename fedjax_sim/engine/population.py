@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_sim.engine.cohort import round_keys, sample_cohort
+from fedjax_sim.engine.cohort import draw_cohort, round_keys
 
 
 class DeviceData(NamedTuple):
@@ -32,7 +32,7 @@ class CohortStream:
   """A population kept in host memory, sent to the device one block of cohorts at a time.
 
   For each round of a block the cohort is sampled exactly as on device (same key, same
-  :func:`sample_cohort`), its clients' rows are gathered on the host into one compact array in
+  :func:`~fedjax_sim.engine.cohort.draw_cohort`), its clients' rows are gathered on the host into one compact array in
   cohort order, and the block's rounds go to the device stacked ``[rounds, rows, ...]``, with the
   row count rounded up to a power of two (few compiled shapes). Clients keep their population
   bucket and their global id (client keys and per-client states use it), so results equal the
@@ -40,13 +40,13 @@ class CohortStream:
   block in flight and the next one, gathered while the device runs — double buffering).
   """
 
-  def __init__(self, train, bucket_of: np.ndarray, cohort_size: int):
+  def __init__(self, train, bucket_of: np.ndarray, cohort_size: int, sampling=None):
     self.x, self.y = train.x, train.y
     self.offsets, self.sizes = train.offsets, train.num_examples
     self.bucket_of, self.cohort_size = bucket_of, cohort_size
     num_clients = train.num_clients
-    self._cohorts = jax.jit(jax.vmap(lambda key, r: sample_cohort(
-        round_keys(key, r).sample, num_clients, cohort_size), in_axes=(None, 0)))
+    self._cohorts = jax.jit(jax.vmap(lambda key, r: draw_cohort(
+        round_keys(key, r).sample, num_clients, cohort_size, sampling)[0], in_axes=(None, 0)))
     self._next = None
 
   def _gather(self, key, rounds: np.ndarray) -> DeviceData:

@@ -150,8 +150,10 @@ def client_transform(spec, state: ServerState, keys, global_id, delta, message, 
 
 
 def chunk_weights(spec, n, returns):
-  """The server weights of a chunk's slots: ``n_k`` or 1, and 0 for clients that did not return."""
-  return jnp.where(returns, 1.0 if spec.algo.weighting == "uniform" else n.astype(jnp.float32), 0.0)
+  """The server weights of a chunk's slots: ``n_k`` or 1 (the algorithm's weighting, or the
+  aggregator's ``"uniform"``), and 0 for clients that did not return."""
+  uniform = spec.algo.weighting == "uniform" or spec.aggregator.weighting == "uniform"
+  return jnp.where(returns, 1.0 if uniform else n.astype(jnp.float32), 0.0)
 
 
 # --- stage 5: the reduction ------------------------------------------------------------------
@@ -282,13 +284,16 @@ def server_step(spec, state: ServerState, sums: RoundSums, collected: Collected 
            "update_norm_max": sums.norm_max, "participants": sums.count}
   if algo.hooks.round_steps is not None:
     stats["local_steps"] = plan_r.local_steps.astype(jnp.float32)
+  if spec.poisson:
+    stats["drawn"] = plan_r.drawn.astype(jnp.float32)
   new_state = state._replace(params=params, opt_state=opt_state, extra=extra, aggregator=agg_state)
   return new_state, stats
 
 
 def no_stats(spec) -> dict:
   """The statistics of a round that did not run (inactive rounds of a padded block)."""
-  keys = ROUND_STATS + ("local_steps",) * (spec.algo.hooks.round_steps is not None)
+  keys = (ROUND_STATS + ("local_steps",) * (spec.algo.hooks.round_steps is not None)
+          + ("drawn",) * spec.poisson)
   return {k: jnp.float32(0.0) for k in keys}
 
 

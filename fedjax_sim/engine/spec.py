@@ -38,6 +38,8 @@ class RoundSpec(NamedTuple):
     plan: the execution :class:`Plan`.
     shuffle_method: ``"fisher_yates"`` or ``"sort"`` (:func:`fedjax_sim.client.shuffle_method`).
     streaming: the round's data holds exactly its cohort (host-streamed population).
+    sampling: how cohorts are drawn (:class:`fedjax_sim.engine.cohort.Sampling`); for Poisson
+      sampling ``cohort_size`` is the slot capacity.
   """
   model: Any
   algo: Any
@@ -49,6 +51,11 @@ class RoundSpec(NamedTuple):
   plan: Plan
   shuffle_method: str
   streaming: bool = False
+  sampling: Any = None
+
+  @property
+  def poisson(self) -> bool:
+    return self.sampling is not None and self.sampling.kind == "poisson"
 
   @property
   def collect(self) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import inspect
 import json
 import math
 import os
@@ -23,10 +24,12 @@ CONFIG_KEYS = {
     "algorithm_options": ({}, "table of the algorithm's own options, e.g. algorithm_options.mu=0.1 "
                           "(fedprox), .option='I' (scaffold), .momentum, .beta1, .beta2, .tau, "
                           ".convention (fedadam...), .max_local_steps, .every (local_sgd_*)"),
-    "aggregator": ("mean", "how client updates are combined: mean | median | clip (see "
+    "aggregator": ("mean", "how client updates are combined: mean | median | clip | dp_mean (see "
                    "`fedjax-sim list`)"),
     "aggregator_options": ({}, "table of the aggregator's options, e.g. aggregator_options."
-                           "max_norm=1.0, aggregator_options.inner='median' (clip)"),
+                           "max_norm=1.0, aggregator_options.inner='median' (clip); "
+                           ".clip_norm, .noise_multiplier, .target_quantile, .delta, .accountant "
+                           "(dp_mean)"),
     "model": ("softmax_regression", "softmax_regression | logistic_regression | linear_regression "
               "| mlp | cnn | shakespeare_lstm"),
     "dataset": ("power_law", "embedded dataset or 'npz' (see `fedjax-sim list`)"),
@@ -35,6 +38,8 @@ CONFIG_KEYS = {
     "clients_per_round": (500, "cohort size m (set to 'none' for full participation)"),
     "client_fraction": (None, "fraction C of clients per round (m = max(1, int(C*K))); "
                         "use instead of clients_per_round"),
+    "sampling": ("fixed", "cohort sampling: fixed (clients_per_round without replacement) | "
+                 "poisson (each client independently with probability client_fraction)"),
     "local_epochs": (1, "local epochs E per round"),
     "local_steps": (None, "fixed local steps H per round instead of epochs (Local SGD)"),
     "batch_size": (16, "local mini-batch size B ('none' = full batch)"),
@@ -198,10 +203,11 @@ def build_aggregator(config: dict):
                       f"{', '.join(aggregators.REGISTRY)}")
   if "inner" in options:
     inner = options["inner"]
-    if inner not in aggregators.REGISTRY or inner == "clip":
-      raise ConfigError(f"aggregator_options.inner must name an aggregator other than clip "
-                        f"({', '.join(k for k in aggregators.REGISTRY if k != 'clip')}), got "
-                        f"{inner!r}")
+    plain = [k for k, fn in aggregators.REGISTRY.items() if k != "clip" and not any(
+        p.default is inspect.Parameter.empty for p in inspect.signature(fn).parameters.values())]
+    if inner not in plain:
+      raise ConfigError(f"aggregator_options.inner must name an aggregator without options of "
+                        f"its own ({', '.join(plain)}), got {inner!r}")
     options["inner"] = aggregators.REGISTRY[inner]()
   try:
     return aggregators.REGISTRY[name](**options)
@@ -254,6 +260,7 @@ class Progress:
     filled = int(width * done / self.total)
     loss = f"train_loss {row['train_loss']:.4f}"
     acc = f"  test_acc {row['test_accuracy']:.3f}" if "test_accuracy" in row else ""
+    acc += f"  ε {row['epsilon']:.3g}" if "epsilon" in row else ""
     line = (f"[{'#' * filled}{'.' * (width - filled)}] round {done}/{self.total}  {loss}{acc}  "
             f"{time.perf_counter() - self.start:.1f}s")
     self.stream.write(("\r" + line) if self.tty else (line + "\n"))
@@ -318,7 +325,8 @@ def run(args) -> int:
   run_args = dict(rounds=config["rounds"], clients_per_round=config["clients_per_round"],
                   client_fraction=config["client_fraction"], seed=config["seed"],
                   eval_every=config["eval_every"], plan=config["plan"],
-                  chunk_size=config["chunk_size"], rounds_per_block=config["rounds_per_block"])
+                  chunk_size=config["chunk_size"], rounds_per_block=config["rounds_per_block"],
+                  sampling=config["sampling"])
   try:
     check_arguments(algo, model, train, test, **run_args)
   except ValueError as e:
@@ -376,10 +384,16 @@ def _print_summary(history: dict, info: dict, out: str) -> None:
   for key in ("train_loss", "train_accuracy", "test_loss", "test_accuracy"):
     if key in history:
       rows.append((key, f"{history[key][-1]:.4f}"))
+  if "privacy" in info:
+    p = info["privacy"]
+    rows.append(("privacy", f"epsilon {history['epsilon'][-1]:.4g} at delta {p['delta']:.3g} "
+                            f"({p['accountant']}, noise multiplier {p['noise_multiplier']:g}, "
+                            f"{p['sampling']} sampling at rate {p['sampling_rate']:.4g})"))
   rows += [("wall time", f"{info['seconds']:.1f} s"),
            ("plan", f"{info['plan']} (chunk {info['chunk_size']}, {info['num_buckets']} size buckets, "
                     f"padding waste {info['padding_waste']:.0%})"),
-           ("clients per round", str(info["cohort_size"])),
+           ("clients per round", str(info["cohort_size"]) if info.get("sampling") != "poisson"
+            else f"{info['expected_clients']:.0f} expected (Poisson, {info['cohort_size']} slots)"),
            ("output", out)]
   width = max(len(k) for k, _ in rows)
   print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))

@@ -203,21 +203,30 @@ def check_arguments(algorithm, model, train, test=None, rounds=1, clients_per_ro
   return cohort_size, block_len, how
 
 
-def epsilon_of(aggregator, sampling, cohort_size: int, num_clients: int):
-  """``fn(rounds) -> ε`` of a DP aggregator (after setup) for these cohorts, else ``None``."""
+def privacy_of(aggregator, sampling, cohort_size: int, num_clients: int) -> dict | None:
+  """The DP accounting of a DP aggregator (after setup) for these cohorts, else ``None``:
+  noise multiplier, δ, accountant, sampling and its rate (recorded in ``info["privacy"]``)."""
   accounting = aggregator.privacy
   if accounting is None:
     return None
-  z = float(aggregator.hparams["noise_multiplier"])
-  delta = accounting.delta or privacy.default_delta(num_clients)
-  if sampling.kind == "poisson":
-    rate, how = sampling.rate, "poisson"
-  else:
-    rate, how = cohort_size / num_clients, "fixed"
-  privacy.epsilon(z, rate, 1, delta, accountant=accounting.accountant, sampling=how,
-                  num_clients=num_clients)  # argument errors now, not after the first block
-  return lambda rounds: privacy.epsilon(z, rate, rounds, delta, accountant=accounting.accountant,
-                                        sampling=how, num_clients=num_clients)
+  poisson = sampling.kind == "poisson"
+  return {"noise_multiplier": float(aggregator.hparams["noise_multiplier"]),
+          "delta": accounting.delta or privacy.default_delta(num_clients),
+          "accountant": accounting.accountant, "sampling": "poisson" if poisson else "fixed",
+          "sampling_rate": sampling.rate if poisson else cohort_size / num_clients,
+          "num_clients": num_clients}
+
+
+def epsilon_of(aggregator, sampling, cohort_size: int, num_clients: int):
+  """``fn(rounds) -> ε`` of a DP aggregator (after setup) for these cohorts, else ``None``."""
+  p = privacy_of(aggregator, sampling, cohort_size, num_clients)
+  if p is None:
+    return None
+  spent = lambda rounds: privacy.epsilon(p["noise_multiplier"], p["sampling_rate"], rounds,
+                                         p["delta"], accountant=p["accountant"],
+                                         sampling=p["sampling"], num_clients=num_clients)
+  spent(1)  # argument errors now, not after the first block
+  return spent
 
 
 def check_overflow(metrics: dict, round_nums, active, capacity: int) -> list[int]:
@@ -315,10 +324,13 @@ def simulate(algorithm: Algorithm, model: Model, train: FederatedData, rounds: i
                                   if dissimilarity else None, streaming=streaming,
                                   aggregator=aggregator, sampling=how)
   epsilon = epsilon_of(engine.spec.aggregator, how, cohort_size, train.num_clients)
+  dp = privacy_of(engine.spec.aggregator, how, cohort_size, train.num_clients)
   info = {
       "plan": chosen.name, "chunk_size": chosen.chunk_size, "unroll": chosen.unroll,
       "population": population, "aggregator": engine.spec.aggregator.name,
-      "sampling": how.kind, "overflow_rounds": [],
+      "sampling": how.kind,
+      "expected_clients": how.rate * train.num_clients if how.kind == "poisson" else cohort_size,
+      "overflow_rounds": [], **({"privacy": dp} if dp else {}),
       "backend": backend, "cohort_size": cohort_size, "rounds_per_block": block_len,
       "num_buckets": len(engine.buckets),
       "bucket_max_examples": [b.shape.max_examples for b in engine.buckets],

@@ -120,7 +120,10 @@ def test_default_config_is_the_documented_scale():
     ("scaffold", ["--set", "algorithm_options.option='I'", "--set", "aggregator=clip",
                   "--set", "aggregator_options.max_norm=5.0",
                   "--set", "aggregator_options.inner=median"]),
-    ("fedadam", ["--set", "server_lr=0.05", "--set", "algorithm_options.convention='optax'"]),
+    ("fedadam", ["--set", "server_lr=0.05", "--set", "algorithm_options.convention='optax'",
+                 "--set", "aggregator=dp_mean", "--set", "aggregator_options.clip_norm=1.0",
+                 "--set", "aggregator_options.noise_multiplier=0.5", "--set", "sampling='poisson'",
+                 "--set", "client_fraction=0.6"]),
     ("local_sgd_growing", ["--set", "algorithm_options.max_local_steps=4",
                            "--set", "algorithm_options.every=2"]),
 ])
@@ -132,7 +135,11 @@ def test_run_every_algorithm_family_from_the_config(algorithm, options, tmp_path
   rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
   assert {"drift", "grad_dissimilarity", "participants", "train_client_accuracy_p10"} <= rows[-1].keys()
   summary = json.loads((out / "summary.json").read_text())
-  assert summary["engine"]["aggregator"] == ("clip(median)" if algorithm == "scaffold" else "mean")
+  assert summary["engine"]["aggregator"] == {"scaffold": "clip(median)",
+                                             "fedadam": "dp_mean"}.get(algorithm, "mean")
+  if algorithm == "fedadam":  # DP: ε recorded per evaluated round and in the summary
+    assert summary["final"]["epsilon"] == rows[-1]["epsilon"] > rows[0]["epsilon"] > 0
+    assert summary["engine"]["privacy"]["sampling"] == "poisson"
 
 
 @pytest.mark.parametrize("args,message", [
@@ -147,6 +154,13 @@ def test_run_every_algorithm_family_from_the_config(algorithm, options, tmp_path
      "max_norm must be a positive finite number, got -2"),
     (["--set", "aggregator=clip", "--set", "aggregator_options.max_norm=1",
       "--set", "aggregator_options.inner=clip"], "aggregator_options.inner must name"),
+    (["--set", "aggregator=clip", "--set", "aggregator_options.max_norm=1",
+      "--set", "aggregator_options.inner=dp_mean"], "aggregator_options.inner must name"),
+    (["--set", "aggregator=dp_mean", "--set", "aggregator_options.clip_norm=1",
+      "--set", "aggregator_options.noise_multiplier=-1"], "noise_multiplier must be a finite "
+     "number >= 0, got -1"),
+    (["--set", "sampling=bernoulli"], "sampling must be 'fixed' or 'poisson', got 'bernoulli'"),
+    (["--set", "sampling=poisson"], "give client_fraction"),
 ])
 def test_bad_algorithm_and_system_options_are_named(args, message, capsys, tmp_path):
   assert message in _error(args, capsys, tmp_path)

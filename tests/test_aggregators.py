@@ -104,7 +104,9 @@ def test_default_and_explicit_mean_are_bit_identical(population):
 
 # what the factories that need options get (adaptive DP: its state changes every round)
 REQUIRED_OPTIONS = {"clip": {"max_norm": 10.0},
-                    "dp_mean": {"clip_norm": 1.0, "noise_multiplier": 0.01, "target_quantile": 0.5}}
+                    "dp_mean": {"clip_norm": 1.0, "noise_multiplier": 0.01, "target_quantile": 0.5},
+                    "trimmed_mean": {"beta": 0.25}, "krum": {"num_byzantine": 0},
+                    "centered_clip": {"tau": 1.0, "iters": 2}}
 
 
 @pytest.mark.parametrize("name", sorted(agg.REGISTRY))

@@ -12,10 +12,15 @@ from fedjax_sim.aggregators.clip import clip, clip_by_norm
 from fedjax_sim.aggregators.dp import dp_mean
 from fedjax_sim.aggregators.mean import mean, weighted_mean
 from fedjax_sim.aggregators.median import masked_median, median
+from fedjax_sim.aggregators import robust
+from fedjax_sim.aggregators.robust import centered_clip, geometric_median, krum, trimmed_mean
 
 # name -> factory, for the CLI (``aggregator`` and ``aggregator_options.*``)
-REGISTRY = {"mean": mean, "median": median, "clip": clip, "dp_mean": dp_mean}
+REGISTRY = {"mean": mean, "median": median, "clip": clip, "dp_mean": dp_mean,
+            "trimmed_mean": trimmed_mean, "krum": krum, "geometric_median": geometric_median,
+            "centered_clip": centered_clip}
 
 __all__ = ["Aggregator", "CohortInfo", "REDUCTIONS", "REGISTRY", "StreamSums", "aggregate", "check",
-           "clip", "clip_by_norm", "dp_mean", "masked_median", "mean", "median", "prepare",
-           "tree_norm", "weighted_mean", "weighted_sums"]
+           "centered_clip", "clip", "clip_by_norm", "dp_mean", "geometric_median", "krum",
+           "masked_median", "mean", "median", "prepare", "robust", "tree_norm", "trimmed_mean",
+           "weighted_mean", "weighted_sums"]

@@ -40,9 +40,10 @@ def from_sortable_keys(keys: jax.Array) -> jax.Array:
 
 
 def kth_smallest_keys(keys: jax.Array, mask: jax.Array, k: jax.Array) -> jax.Array:
-  """Per column of ``keys [slots, d]``, the ``k``-th smallest (0-based) among rows where ``mask``:
-  the largest key ``K`` with ``#{keys < K} ≤ k``, decided one bit at a time."""
-  valid = mask[:, None]
+  """Per column of ``keys [slots, d]``, the ``k``-th smallest (0-based) among rows where ``mask``
+  (``[slots]``, or ``[slots, d]`` per column): the largest key ``K`` with ``#{keys < K} ≤ k``,
+  decided one bit at a time."""
+  valid = mask if mask.ndim == keys.ndim else mask[:, None]
   def step(i, found):
     candidate = found | (jnp.uint32(1) << (31 - i).astype(jnp.uint32))
     below = jnp.sum((keys < candidate[None]) & valid, axis=0)

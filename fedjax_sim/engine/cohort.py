@@ -41,7 +41,7 @@ class Sampling(NamedTuple):
 def poisson_capacity(num_clients: int, rate: float,
                      overflow: float = OVERFLOW_PROBABILITY) -> int:
   """Slots for a Poisson cohort: the smallest ``c`` with ``P(Binomial(N, q) > c) ≤ overflow``
-  (exact binomial tail). E.g. N = 300,000, q = 0.01: 3,346 slots for a mean of 3,000."""
+  (exact binomial tail). E.g. N = 300,000, q = 0.01: 3,333 slots for a mean of 3,000."""
   from scipy import stats
   if rate >= 1.0:
     return num_clients

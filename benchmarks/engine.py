@@ -20,7 +20,9 @@ with the same total number of examples (engine_equal_sizes) — the cost of hete
 W1 also runs the engine with other aggregators than the streamed weighted mean: the coordinate-wise
 median (engine_median), the collect path, every cohort update held at once; and DP-FedAvg
 (engine_dp, ``dp_mean(clip_norm=1.0, noise_multiplier=1.0)``): each client's update clipped to norm
-1, a uniform sum over the cohort, Gaussian noise added on the server.
+1, a uniform sum over the cohort, Gaussian noise added on the server; the β = 0.1 trimmed mean
+(engine_trimmed_mean) and Krum with f = 10 (engine_krum: O(m²·d) pairwise distances, computed in
+chunks of 1,024 columns), both on the collect path.
 
 Workload S is a 300,000-client power-law population (8.8 M examples, 2.1 GB of features) at 500
 clients per round: the population on the device (engine) against the population kept in host
@@ -64,6 +66,9 @@ AGGREGATORS = {  # W1 engine cases with another aggregator: impl -> (its factory
     "engine_median": (lambda agg: agg.median(), "median (collect path)"),
     "engine_dp": (lambda agg: agg.dp_mean(clip_norm=1.0, noise_multiplier=1.0),
                   "DP-FedAvg (dp_mean, clip + noise)"),
+    "engine_trimmed_mean": (lambda agg: agg.trimmed_mean(0.1), "trimmed mean β=0.1 (collect path)"),
+    # Krum's pairwise distances are O(m²·d): measured, no target
+    "engine_krum": (lambda agg: agg.krum(num_byzantine=10), "Krum f=10 (collect path, m² distances)"),
 }
 
 
@@ -321,6 +326,7 @@ TARGETS = [  # (workload, K, impl ratio or %peak, threshold), from the engine is
     ("W3", 10, "per_client", 1.0),
     ("P", 500, "engine_equal_sizes", 2.0),  # data issue: heterogeneity costs well under 2×
     ("W1", 10000, "engine_median", 1.5),  # stages issue: the collect path (median) vs the mean
+    ("W1", 10000, "engine_trimmed_mean", 1.5),  # robustness issue: ≤ 1.5× the streaming mean
     ("W1", 10000, "engine_dp", 1.2),  # DP issue: a DP-FedAvg round vs the FedAvg round
 ]
 

@@ -49,7 +49,7 @@ AGG = "fedjax_sim/aggregators/"
 A = "fedjax_sim/algorithms/"
 T_ENGINE, T_CLIENT, T_ALG = "tests/test_engine.py", "tests/test_client.py", "tests/test_algorithms.py"
 T_PLANS, T_GOLD = "tests/test_plans.py", "tests/test_goldens.py"
-T_DP = "tests/test_privacy.py"
+T_DP, T_ROBUST = "tests/test_privacy.py", "tests/test_robust.py"
 
 MUTATIONS = [
     # --- cohort sampling and round keys
@@ -354,6 +354,39 @@ MUTATIONS = [
       "over = []",
       (f"{T_DP}::test_dp_run_with_poisson_sampling_records_epsilon_and_reports_overflow",),
       "clients drawn beyond the slots are dropped silently"),
+    # --- robust rules
+    M("trimmed_rounds_up", "robust", AGG + "robust.py",
+      "trim = jnp.floor(beta * count.astype(jnp.float32)).astype(jnp.int32)",
+      "trim = jnp.ceil(beta * count.astype(jnp.float32)).astype(jnp.int32)",
+      (f"{T_ROBUST}::test_trimmed_mean_is_numpy_over_unmasked_clients",),
+      "⌈β·n⌉ trimmed at each end instead of ⌊β·n⌋"),
+    M("trimmed_ties_miscounted", "robust", AGG + "robust.py",
+      "lo_copies = below_lo + at_lo - trim", "lo_copies = at_lo",
+      (f"{T_ROBUST}::test_trimmed_mean_is_numpy_over_unmasked_clients",),
+      "every copy of the lower cut value kept, whatever its rank"),
+    M("krum_counts_itself", "robust", AGG + "robust.py",
+      "others = mask[:, None] & (jnp.arange(slots)[:, None] != c[None])",
+      "others = mask[:, None] & (c[None] >= 0)",
+      (f"{T_ROBUST}::test_krum_and_multi_krum_are_numpy",),
+      "a slot's zero distance to itself counted among its neighbours"),
+    M("krum_one_neighbour_more", "robust", AGG + "robust.py",
+      "k = jnp.maximum(count - num_byzantine - 2, 1)", "k = jnp.maximum(count - num_byzantine - 1, 1)",
+      (f"{T_ROBUST}::test_krum_and_multi_krum_are_numpy",),
+      "n − f − 1 neighbours scored instead of n − f − 2"),
+    M("geomedian_unweighted", "robust", AGG + "robust.py",
+      "w = jnp.where(mask, weights.astype(jnp.float32), 0.0)", "w = jnp.where(mask, 1.0, 0.0)",
+      (f"{T_ROBUST}::test_geometric_median_reaches_the_minimum",),
+      "RFA's weights ignored"),
+    M("cclip_forgets", "robust", AGG + "robust.py",
+      "return aggregate, _flat(jax.tree.map(lambda a: a[None], aggregate))[0, :state.shape[0]]",
+      "return aggregate, state",
+      (f"{T_ROBUST}::test_centered_clip_is_the_numpy_iteration_and_remembers_the_last_aggregate",),
+      "centered clipping restarts from zero every round"),
+    M("cclip_global_norm", "robust", AGG + "robust.py",
+      "scale = jnp.minimum(1.0, tau / jnp.maximum(jnp.linalg.norm(diff, axis=1), 1e-30))",
+      "scale = jnp.minimum(1.0, tau / jnp.maximum(jnp.linalg.norm(diff), 1e-30))",
+      (f"{T_ROBUST}::test_centered_clip_is_the_numpy_iteration_and_remembers_the_last_aggregate",),
+      "one clip factor for the whole cohort instead of one per client"),
     # --- data and loaders
     M("offsets_off_by_one", "data", "fedjax_sim/data.py",
       "np.concatenate([[0], np.cumsum(self.num_examples)[:-1]])",

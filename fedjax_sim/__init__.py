@@ -1,6 +1,6 @@
 """fedjax_sim: federated learning simulated one whole cohort at a time, in one compiled program."""
 
-from fedjax_sim import (aggregators, algorithms, datasets, describe, engine, metrics, models,
+from fedjax_sim import (aggregators, algorithms, attacks, datasets, describe, engine, metrics, models,
                         partition, privacy, reference)
 from fedjax_sim.algorithms import Algorithm
 from fedjax_sim.data import DataError, FederatedData
@@ -13,6 +13,6 @@ from fedjax_sim.simulation import SimulationResult, TrainingDiverged, simulate
 __version__ = "0.1.0"
 
 __all__ = ["Algorithm", "DataError", "FederatedData", "Heterogeneity", "Model", "ServerState",
-           "SimulationResult", "TrainingDiverged", "aggregators", "algorithms", "datasets",
+           "SimulationResult", "TrainingDiverged", "aggregators", "algorithms", "attacks", "datasets",
            "describe", "engine", "metrics", "models", "partition", "privacy", "reference", "simulate",
            "simulate_sweep"]

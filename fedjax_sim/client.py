@@ -145,11 +145,13 @@ class ClientJob(NamedTuple):
     num_examples: ``n``; ``0`` marks an empty slot (every step masked).
     num_steps: local steps this client takes this round (``E·⌈n/B⌉``, ``H``, fewer for a straggler).
     orders: ``[num_epochs, max_examples]`` example order per epoch (see :func:`epoch_orders`).
+    label_map: ``[num_classes]``, the label each class is trained as (data poisoning), or ``None``.
   """
   offset: jax.Array
   num_examples: jax.Array
   num_steps: jax.Array
   orders: jax.Array
+  label_map: jax.Array | None = None
 
 
 def local_step(model, algo: Algorithm, shape: BucketShape, x_all: jax.Array, y_all: jax.Array,
@@ -182,6 +184,8 @@ def local_step(model, algo: Algorithm, shape: BucketShape, x_all: jax.Array, y_a
   rows = job.offset + jnp.where(real, local, 0)
   hooks = algo.hooks
   x, y = x_all[rows], y_all[rows]
+  if job.label_map is not None:
+    y = job.label_map[y]
   if hooks.local_loss is None:
     grads = jax.grad(model.loss)(w, x, y, real)
   else:

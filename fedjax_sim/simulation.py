@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_sim import aggregators as aggregators_lib
+from fedjax_sim import attacks as attacks_lib
 from fedjax_sim import metrics as metrics_lib
 from fedjax_sim import engine as engine_lib
 from fedjax_sim import privacy, systems
@@ -76,6 +77,16 @@ def _check_labels(model: Model, params, data: FederatedData, name: str) -> None:
                       f"found {int(y.min())}..{int(y.max())}")
   elif model.task == "binary" and not np.all((y == 0) | (y == 1)):
     raise DataError(f"{name} labels must be 0 or 1 for a binary model; found {np.unique(y)[:5]}")
+
+
+def check_attack(attack, model: Model, params, train: FederatedData):
+  """The attack checked against the population and the model (its classes, for label flips)."""
+  classes = None
+  if model.task == "multiclass":
+    x = jax.ShapeDtypeStruct((1, *train.feature_shape),
+                             jax.dtypes.canonicalize_dtype(train.x.dtype))
+    classes = int(jax.eval_shape(model.apply, params, x).shape[-1])
+  return attacks_lib.check(attack, train.num_clients, classes)
 
 
 def _check_init_params(params, expected, model_name: str) -> None:
@@ -249,7 +260,7 @@ def simulate(algorithm: Algorithm, model: Model, train: FederatedData, rounds: i
              rounds_per_block: int | None = None, bucketing: bool = True,
              system: systems.Heterogeneity | None = None, dissimilarity: bool = False,
              population: str = "device", aggregator=None, sampling: str = "fixed",
-             callback: Callable[[list[dict]], None] | None = None) -> SimulationResult:
+             attack=None, callback: Callable[[list[dict]], None] | None = None) -> SimulationResult:
   """Simulates ``rounds`` rounds of federated training.
 
   Args:
@@ -282,6 +293,8 @@ def simulate(algorithm: Algorithm, model: Model, train: FederatedData, rounds: i
       client independently with probability ``client_fraction``; the cohort size varies, on
       ``poisson_capacity`` static slots, and a round that draws more warns: see
       :mod:`fedjax_sim.engine.cohort`).
+    attack: Byzantine clients (:mod:`fedjax_sim.attacks`, e.g. ``sign_flip(0.2, scale=4.0)``);
+      ``history["attackers"]`` counts those each round sampled.
     callback: called after each block with the new history rows (dicts), e.g. to log them.
 
   Returns:
@@ -307,6 +320,7 @@ def simulate(algorithm: Algorithm, model: Model, train: FederatedData, rounds: i
   _check_labels(model, params, train, "train")
   if test is not None:
     _check_labels(model, params, test, "test")
+  attack = check_attack(attack, model, params, train)
 
   backend = jax.default_backend()
   batch = algorithm.batch_size or int(train.num_examples.max())
@@ -322,12 +336,13 @@ def simulate(algorithm: Algorithm, model: Model, train: FederatedData, rounds: i
                                   bucketing, system,
                                   metrics_lib.gradient_dissimilarity(model)
                                   if dissimilarity else None, streaming=streaming,
-                                  aggregator=aggregator, sampling=how)
+                                  aggregator=aggregator, sampling=how, attack=attack)
   epsilon = epsilon_of(engine.spec.aggregator, how, cohort_size, train.num_clients)
   dp = privacy_of(engine.spec.aggregator, how, cohort_size, train.num_clients)
   info = {
       "plan": chosen.name, "chunk_size": chosen.chunk_size, "unroll": chosen.unroll,
       "population": population, "aggregator": engine.spec.aggregator.name,
+      "attack": None if attack is None else attack.name,
       "sampling": how.kind,
       "expected_clients": how.rate * train.num_clients if how.kind == "poisson" else cohort_size,
       "overflow_rounds": [], **({"privacy": dp} if dp else {}),

@@ -44,7 +44,7 @@ def simulate_sweep(algorithm: Algorithm, model: Model, trains, seeds: Sequence[i
                    rounds_per_block: int | None = None, bucketing: bool = True,
                    system: systems.Heterogeneity | None = None,
                    dissimilarity: bool = False, aggregator=None, sampling: str = "fixed",
-                   aggregator_hparams: Sequence[dict] | None = None
+                   aggregator_hparams: Sequence[dict] | None = None, attack=None
                    ) -> list[sim.SimulationResult]:
   """Runs ``len(seeds)`` simulations in one compiled, vmapped program.
 
@@ -56,7 +56,8 @@ def simulate_sweep(algorithm: Algorithm, model: Model, trains, seeds: Sequence[i
     hparams: per run, a dict overriding some of ``algorithm.hparams`` (e.g. ``{"mu": 1.0}``).
     tests: held-out data per run (or one for all, or ``None``).
     rounds, clients_per_round, client_fraction, eval_every, plan, chunk_size, rounds_per_block,
-    bucketing, system, dissimilarity, aggregator, sampling: as in :func:`fedjax_sim.simulate`.
+    bucketing, system, dissimilarity, aggregator, sampling, attack: as in
+      :func:`fedjax_sim.simulate` (each run draws its Byzantine set from its own seed).
     aggregator_hparams: per run, a dict overriding some of ``aggregator.hparams`` (e.g.
       ``{"noise_multiplier": 0.5}`` for :func:`~fedjax_sim.aggregators.dp_mean`).
 
@@ -99,6 +100,7 @@ def simulate_sweep(algorithm: Algorithm, model: Model, trains, seeds: Sequence[i
     sim._check_labels(model, params[0], train, f"trains[{i}]")
     if test is not None:
       sim._check_labels(model, params[0], test, f"tests[{i}]")
+  attack = sim.check_attack(attack, model, params[0], trains[0])
   backend = jax.default_backend()
   batch = algorithm.batch_size or max(int(t.num_examples.max()) for t in trains)
   chosen = sim.choose_plan(plan, chunk_size, model, params[0], trains[0].feature_shape, batch,
@@ -118,7 +120,7 @@ def simulate_sweep(algorithm: Algorithm, model: Model, trains, seeds: Sequence[i
                                   eval_data, bucketing, system,
                                   metrics_lib.gradient_dissimilarity(model) if dissimilarity else None,
                                   hparams=run_hparams, aggregator=aggregator, sampling=how,
-                                  aggregator_hparams=agg_overrides)
+                                  aggregator_hparams=agg_overrides, attack=attack)
   num_clients = trains[0].num_clients
   epsilons = [sim.epsilon_of(a, how, cohort_size, num_clients) for a in engine.aggregators]
 
@@ -146,6 +148,7 @@ def simulate_sweep(algorithm: Algorithm, model: Model, trains, seeds: Sequence[i
           histories[i].setdefault(k, []).append(v)
   info = {"plan": chosen.name, "chunk_size": chosen.chunk_size, "backend": backend, "runs": runs,
           "aggregator": engine.spec.aggregator.name, "sampling": how.kind,
+          "attack": None if attack is None else attack.name,
           "cohort_size": cohort_size, "rounds_per_block": block_len,
           "num_buckets": len(engine.buckets),
           "bucket_max_examples": [b.shape.max_examples for b in engine.buckets],

@@ -49,7 +49,7 @@ def build_engine(model, algo: Algorithm, train, plan: Plan, cohort_size: int, tr
                  system: systems.Heterogeneity | None = None,
                  population_metrics: Callable | None = None, hparams: dict | None = None,
                  streaming: bool = False, aggregator=None, sampling: Sampling | None = None,
-                 aggregator_hparams: list | None = None) -> Engine:
+                 aggregator_hparams: list | None = None, attack=None) -> Engine:
   """Builds the round for one (model, algorithm, aggregator, dataset, plan), or for a sweep.
 
   A sweep (``train`` a list of datasets with the same number of clients; ``train_key``,
@@ -75,6 +75,7 @@ def build_engine(model, algo: Algorithm, train, plan: Plan, cohort_size: int, tr
       fixed-size).
     aggregator_hparams: a sweep's per-run overrides of the aggregator's ``hparams`` (each run's
       aggregator state starts from its own values; the functions read them from the state).
+    attack: Byzantine clients (:class:`fedjax_sim.attacks.Attack`, checked), or ``None``.
   """
   sweep = isinstance(train, (list, tuple))
   num_clients = train[0].num_clients if sweep else train.num_clients
@@ -93,7 +94,7 @@ def build_engine(model, algo: Algorithm, train, plan: Plan, cohort_size: int, tr
   buckets, bucket_of, groups = make_buckets(sizes, algo, cohort_size, plan.chunk_size, bucketing,
                                             variable_steps=system.partial)
   spec = RoundSpec(model, algo, aggregator, buckets, num_clients, cohort_size, system, plan,
-                   client_lib.shuffle_method(int(np.max(sizes))), streaming, sampling)
+                   client_lib.shuffle_method(int(np.max(sizes))), streaming, sampling, attack)
   hparams = {k: jnp.asarray(v, jnp.float32)
              for k, v in (algo.hparams if hparams is None else hparams).items()}
   if plan.name == "host_loop":

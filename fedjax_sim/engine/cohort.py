@@ -12,7 +12,8 @@ Randomness (reproducible whatever the plan, chunk or block size): ``round_key = 
 r)``; ``sample, clients, system = split(round_key, 3)`` (the derivation every earlier version
 used, so no number changed when more streams were added); the streams added with aggregators are
 ``fold_in(round_key, 1001 …)``: the per-client transform (client ``k`` uses ``fold_in(stream,
-k)``), the reduction and the server-side transform. Client ``k``'s training key is
+k)``), the reduction, the server-side transform and Byzantine updates. The Byzantine set of an
+attack comes from ``fold_in(train_key, 0)``, round 0's key, which no round uses. Client ``k``'s training key is
 ``fold_in(clients, k)`` with ``k`` its global id; ``system`` draws stragglers and dropouts.
 """
 
@@ -24,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from fedjax_sim import systems
+from fedjax_sim import attacks, systems
 
 
 OVERFLOW_PROBABILITY = 1e-9  # per round, for the capacity of Poisson-sampled cohorts
@@ -59,13 +60,14 @@ class RoundKeys(NamedTuple):
   client_transform: jax.Array  # the aggregator's per-client transform: fold_in(., global id)
   aggregator: jax.Array  # the aggregator's reduction
   server: jax.Array  # the aggregator's server-side transform
+  attack: jax.Array  # Byzantine clients' updates: fold_in(attack, global id)
 
 
 def round_keys(train_key: jax.Array, round_num) -> RoundKeys:
   """The streams of round ``round_num`` (1-based) of the training key ``train_key``."""
   key = jax.random.fold_in(train_key, round_num)
   sample, clients, system = jax.random.split(key, 3)
-  more = [jax.random.fold_in(key, 1001 + i) for i in range(3)]
+  more = [jax.random.fold_in(key, 1001 + i) for i in range(4)]
   return RoundKeys(sample, clients, system, *more)
 
 
@@ -110,6 +112,7 @@ class RoundPlan(NamedTuple):
   local_steps: jax.Array  # Local-SGD ``H`` of this round (0 when the algorithm has no schedule)
   round: jax.Array  # the 1-based round number
   drawn: jax.Array = None  # clients drawn this round (Poisson: may differ from the slot count)
+  attackers: jax.Array = None  # [m] the position holds a Byzantine client (``None``: no attack)
 
 
 def plan_round(spec, train_key: jax.Array, server_extra: Any, r) -> RoundPlan:
@@ -117,6 +120,10 @@ def plan_round(spec, train_key: jax.Array, server_extra: Any, r) -> RoundPlan:
   keys = round_keys(train_key, r)
   cohort, member, drawn = draw_cohort(keys.sample, spec.num_clients, spec.cohort_size,
                                       spec.sampling)
+  attackers = None
+  if spec.attack is not None:  # the Byzantine set is the key of round 0, which no round uses
+    byzantine = attacks.members(spec.attack, jax.random.fold_in(train_key, 0), spec.num_clients)
+    attackers = byzantine[cohort] & member
   if spec.streaming:  # a streamed round's data holds exactly its cohort, in cohort order
     cohort = jnp.arange(spec.cohort_size, dtype=jnp.int32)
   conditions = systems.cohort_conditions(keys.system, spec.cohort_size, spec.system)
@@ -125,4 +132,4 @@ def plan_round(spec, train_key: jax.Array, server_extra: Any, r) -> RoundPlan:
   round_steps = spec.algo.hooks.round_steps
   h = (jnp.int32(0) if round_steps is None
        else jnp.asarray(round_steps(server_extra, r), jnp.int32))
-  return RoundPlan(cohort, conditions, keys, h, r, drawn)
+  return RoundPlan(cohort, conditions, keys, h, r, drawn, attackers)

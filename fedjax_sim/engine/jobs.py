@@ -20,6 +20,7 @@ class Slots(NamedTuple):
   returns: jax.Array  # the client's update reaches the server
   straggler: jax.Array
   u: jax.Array  # a partial straggler's work draw
+  attacker: jax.Array = None  # the slot holds a Byzantine client (``None``: no attack)
 
 
 def slots(d, plan_r, b: int, bucket: Bucket) -> Slots:
@@ -27,7 +28,8 @@ def slots(d, plan_r, b: int, bucket: Bucket) -> Slots:
   ids, pos = bucket_slots(plan_r.cohort, d.bucket_of, b, bucket)
   at = lambda a, fill: jnp.append(a, fill)[pos]
   c = plan_r.conditions
-  return Slots(ids, at(c.returns, False), at(c.straggler, False), at(c.u, 0.0))
+  attacker = None if plan_r.attackers is None else at(plan_r.attackers, False)
+  return Slots(ids, at(c.returns, False), at(c.straggler, False), at(c.u, 0.0), attacker)
 
 
 def client_jobs(spec, d, s: Slots, plan_r, shape: client_lib.BucketShape) -> client_lib.ClientJob:
@@ -47,5 +49,11 @@ def client_jobs(spec, d, s: Slots, plan_r, shape: client_lib.BucketShape) -> cli
   client_key = plan_r.keys.clients
   keys = jax.vmap(lambda i: jax.random.fold_in(client_key, i))(d.global_id(ids_f))
   orders = client_lib.epoch_orders(keys, n, shape, algo.shuffle, spec.shuffle_method)
-  job = client_lib.ClientJob(d.offsets[ids_f], n, jnp.where(n > 0, steps, 0), orders)
+  label_map = None
+  if spec.attack is not None and spec.attack.label_map is not None:  # data poisoning
+    classes = spec.attack.classes
+    honest = jnp.arange(classes, dtype=jnp.int32)
+    label_map = jnp.where(flat(s.attacker)[:, None], spec.attack.label_map(classes)[None],
+                          honest[None])
+  job = client_lib.ClientJob(d.offsets[ids_f], n, jnp.where(n > 0, steps, 0), orders, label_map)
   return jax.tree.map(lambda a: a.reshape(*s.ids.shape, *a.shape[1:]), job)

@@ -17,11 +17,13 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
+from fedjax_sim import attacks
 from fedjax_sim import client as client_lib
-from fedjax_sim.aggregators import StreamSums
+from fedjax_sim.aggregators import StreamSums, weighted_sums
 from fedjax_sim.algorithms import ClientContext, ClientOutput, RoundSummary
 
 ROUND_STATS = ("drift", "update_norm_mean", "update_norm_max", "participants")
+ATTACK_STATS = ("attackers",)
 
 
 class ServerState(NamedTuple):
@@ -62,10 +64,12 @@ class RoundSums(NamedTuple):
 
 class Collected(NamedTuple):
   """The cohort's updates for a collect aggregator: leaves ``[slots, ...]``, ``weights`` and
-  ``mask`` ``[slots]`` (``False`` for empty slots and clients that did not return)."""
+  ``mask`` ``[slots]`` (``False`` for empty slots and clients that did not return), and which
+  slots hold Byzantine clients (``None``: no attack)."""
   updates: Any
   weights: jax.Array
   mask: jax.Array
+  attackers: Any = None
 
 
 class ChunkResult(NamedTuple):
@@ -136,7 +140,20 @@ def client_end(spec, d, params, context, new_params, job, client_state, shape):
   return delta, _f32(message), new_state
 
 
-# --- stage 4: the aggregator's per-client transform -----------------------------------------
+# --- stage 4: Byzantine clients, then the aggregator's per-client transform -------------------
+
+def attacked(spec, keys, global_id, delta, message, is_attacker):
+  """A Byzantine client's ``(delta, message)`` under a (non-omniscient) model-update attack,
+  keyed by ``fold_in(keys.attack, global id)``; honest clients' pass unchanged."""
+  attack = spec.attack
+  if attack is None or attack.update is None or attack.omniscient:
+    return delta, message
+  update = {"delta": delta, "message": message}
+  bad = attack.update(update, None, key=jax.random.fold_in(keys.attack, global_id))
+  pick = lambda b, a: jnp.where(is_attacker, b.astype(a.dtype), a)
+  out = jax.tree.map(pick, bad, update)
+  return out["delta"], out["message"]
+
 
 def client_transform(spec, state: ServerState, keys, global_id, delta, message, agg_client_state):
   """``(update, new aggregator client state)``: the aggregator's transform of one client's
@@ -171,11 +188,14 @@ def reduce_chunk(spec, deltas, updates, weights, returns) -> RoundSums:
                    jnp.max(norms), jnp.sum(returns.astype(jnp.float32)))
 
 
-def collect_chunk(collected: Collected, start, result: ChunkResult, returns) -> Collected:
-  """Writes a chunk's updates, weights and mask into the cohort's slots from ``start``."""
+def collect_chunk(collected: Collected, start, result: ChunkResult, returns,
+                  attackers=None) -> Collected:
+  """Writes a chunk's updates, weights and mask (and attacker flags) into the cohort's slots
+  from ``start``."""
   put = lambda buf, v: lax.dynamic_update_slice_in_dim(buf, v.astype(buf.dtype), start, 0)
   return Collected(jax.tree.map(put, collected.updates, result.updates),
-                   put(collected.weights, result.weights), put(collected.mask, returns))
+                   put(collected.weights, result.weights), put(collected.mask, returns),
+                   None if attackers is None else put(collected.attackers, attackers))
 
 
 def chunk_contexts(spec, state: ServerState, hp, plan_r, job, algo_states):
@@ -185,16 +205,18 @@ def chunk_contexts(spec, state: ServerState, hp, plan_r, job, algo_states):
 
 
 def finish_chunk(spec, d, state: ServerState, plan_r, shape, new_params, job, contexts,
-                 chunk_states, ids, returns) -> ChunkResult:
+                 chunk_states, ids, returns, attackers=None) -> ChunkResult:
   """Stages 3 (the algorithm's per-client result), 4 and 5 for a chunk of trained clients."""
-  def one(w, job_k, ctx, state_k, agg_state_k, gid):
+  def one(w, job_k, ctx, state_k, agg_state_k, gid, bad):
     delta, message, new_state = client_end(spec, d, state.params, ctx, w, job_k, state_k, shape)
+    delta, message = attacked(spec, plan_r.keys, gid, delta, message, bad)
     update, new_agg_state = client_transform(spec, state, plan_r.keys, gid, delta, message,
                                              agg_state_k)
     return delta, update, new_state, new_agg_state
 
+  bad = jnp.zeros_like(returns) if attackers is None else attackers
   deltas, updates, new_states, new_agg = over_chunk(one)(new_params, job, contexts, *chunk_states,
-                                                         d.global_id(ids))
+                                                         d.global_id(ids), bad)
   weights = chunk_weights(spec, job.num_examples, returns)
   sums = reduce_chunk(spec, deltas, updates, weights, returns)
   keep = spec.collect
@@ -203,7 +225,7 @@ def finish_chunk(spec, d, state: ServerState, plan_r, shape, new_params, job, co
 
 
 def train_chunk(spec, d, state: ServerState, hp, plan_r, job, ids, returns, chunk_states,
-                shape) -> ChunkResult:
+                shape, attackers=None) -> ChunkResult:
   """One chunk of clients trained in one program (stages 3–5 for the chunk)."""
   bound = jnp.max(job.num_steps)
   contexts = chunk_contexts(spec, state, hp, plan_r, job, chunk_states[0])
@@ -211,7 +233,7 @@ def train_chunk(spec, d, state: ServerState, hp, plan_r, job, ids, returns, chun
       spec.model, spec.algo, shape, state.params, d.x, d.y, job_k, ctx, bound,
       spec.plan.unroll))(job, contexts)
   return finish_chunk(spec, d, state, plan_r, shape, new_params, job, contexts, chunk_states, ids,
-                      returns)
+                      returns, attackers)
 
 
 # --- the empty round's sums and buffers -------------------------------------------------------
@@ -246,7 +268,8 @@ def zero_collected(spec, d, state: ServerState, hp, plan_r) -> Collected | None:
   slots = spec.slot_offsets[-1]
   one = zero_update(spec, d, state, hp, plan_r)()
   return Collected(jax.tree.map(lambda a: jnp.zeros((slots, *a.shape), a.dtype), one),
-                   jnp.zeros(slots, jnp.float32), jnp.zeros(slots, bool))
+                   jnp.zeros(slots, jnp.float32), jnp.zeros(slots, bool),
+                   None if spec.attack is None else jnp.zeros(slots, bool))
 
 
 # --- stages 6–8: reduction result, server transform, algorithm rule, optax ---------------------
@@ -260,8 +283,15 @@ def server_step(spec, state: ServerState, sums: RoundSums, collected: Collected 
   mean_delta = jax.tree.map(lambda a: a / total, sums.delta)
   drift = jnp.maximum(
       sums.sq_norm / total - sum(jnp.sum(a * a) for a in jax.tree.leaves(mean_delta)), 0.0)
-  if agg.reduction == "stream":
+  if spec.attack is not None and spec.attack.omniscient:  # attackers read the honest slots
+    collected = collected._replace(updates=attacks.apply(
+        spec.attack, collected.updates, collected.attackers, key=plan_r.keys.attack,
+        mask=collected.mask))
+  if agg.reduction == "stream" and not spec.collect:
     aggregate = agg.finalize(StreamSums(sums.update, sums.weight, sums.count), state.aggregator)
+  elif agg.reduction == "stream":  # a stream rule run on collected updates (omniscient attack)
+    aggregate = agg.finalize(weighted_sums(collected.updates, collected.weights, collected.mask),
+                             state.aggregator)
   else:
     aggregate = agg.reduce(collected.updates, collected.weights, collected.mask, state.aggregator,
                            key=plan_r.keys.aggregator)
@@ -286,6 +316,8 @@ def server_step(spec, state: ServerState, sums: RoundSums, collected: Collected 
     stats["local_steps"] = plan_r.local_steps.astype(jnp.float32)
   if spec.poisson:
     stats["drawn"] = plan_r.drawn.astype(jnp.float32)
+  if spec.attack is not None:
+    stats["attackers"] = jnp.sum(plan_r.attackers.astype(jnp.float32))
   new_state = state._replace(params=params, opt_state=opt_state, extra=extra, aggregator=agg_state)
   return new_state, stats
 
@@ -293,7 +325,7 @@ def server_step(spec, state: ServerState, sums: RoundSums, collected: Collected 
 def no_stats(spec) -> dict:
   """The statistics of a round that did not run (inactive rounds of a padded block)."""
   keys = (ROUND_STATS + ("local_steps",) * (spec.algo.hooks.round_steps is not None)
-          + ("drawn",) * spec.poisson)
+          + ("drawn",) * spec.poisson + ATTACK_STATS * (spec.attack is not None))
   return {k: jnp.float32(0.0) for k in keys}
 
 

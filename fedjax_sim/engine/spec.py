@@ -40,6 +40,7 @@ class RoundSpec(NamedTuple):
     streaming: the round's data holds exactly its cohort (host-streamed population).
     sampling: how cohorts are drawn (:class:`fedjax_sim.engine.cohort.Sampling`); for Poisson
       sampling ``cohort_size`` is the slot capacity.
+    attack: Byzantine clients (:class:`fedjax_sim.attacks.Attack`) or ``None``.
   """
   model: Any
   algo: Any
@@ -52,6 +53,7 @@ class RoundSpec(NamedTuple):
   shuffle_method: str
   streaming: bool = False
   sampling: Any = None
+  attack: Any = None
 
   @property
   def poisson(self) -> bool:
@@ -59,7 +61,10 @@ class RoundSpec(NamedTuple):
 
   @property
   def collect(self) -> bool:
-    return self.aggregator.reduction == "collect"
+    """The cohort's updates are held at once: a collect aggregator, or an omniscient attack
+    (its attackers read the honest updates)."""
+    return (self.aggregator.reduction == "collect"
+            or (self.attack is not None and self.attack.omniscient))
 
   @property
   def slot_offsets(self) -> list[int]:

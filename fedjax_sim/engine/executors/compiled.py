@@ -40,12 +40,13 @@ def device_round(spec, d: DeviceData, train_key, state: rs.ServerState, hp, r):
       def update():
         job = job_c if bucket.dense else jobs_lib.client_jobs(spec, d, s_c, plan_r, bucket.shape)
         return rs.train_chunk(spec, d, state, hp, plan_r, job, s_c.ids, s_c.returns,
-                              rs.gather_states(states, gids), bucket.shape)
+                              rs.gather_states(states, gids), bucket.shape, s_c.attacker)
       result = lax.cond(jnp.any(s_c.returns), update, rs.zeros_of(update))
       total = total.combine(result.sums)
       states = rs.scatter_states(spec, states, gids, s_c.returns, result.new_states)
       if collected is not None:
-        collected = rs.collect_chunk(collected, offsets[b] + c * bucket.chunk, result, s_c.returns)
+        collected = rs.collect_chunk(collected, offsets[b] + c * bucket.chunk, result, s_c.returns,
+                                     s_c.attacker)
       return (total, states, collected), None
 
     chunks = (jnp.arange(bucket.num_chunks), s, jobs)

@@ -38,11 +38,11 @@ def build(spec, data, train_key, evaluate, eval_data, population_metrics, hparam
   step_j = jax.jit(step, static_argnums=(0,))
 
   def finish(total, states, collected, shape, slot, d, state, plan_r, carry, job, contexts,
-             chunk_states, ids, returns):
+             chunk_states, ids, returns, attackers):
     result = rs.finish_chunk(spec, d, state, plan_r, shape, carry[0], job, contexts, chunk_states,
-                             ids, returns)
+                             ids, returns, attackers)
     if collected is not None:
-      collected = rs.collect_chunk(collected, slot, result, returns)
+      collected = rs.collect_chunk(collected, slot, result, returns, attackers)
     return (total.combine(result.sums),
             rs.scatter_states(spec, states, ids, returns, result.new_states), collected)
   finish_j = jax.jit(finish, static_argnums=(3, 4), donate_argnums=(0, 1, 2))
@@ -76,7 +76,8 @@ def build(spec, data, train_key, evaluate, eval_data, population_metrics, hparam
               carry = step_j(bucket.shape, data, carry, t, job, contexts)
             total, states, collected = finish_j(
                 total, states, collected, bucket.shape, offsets[b] + c * bucket.chunk, data,
-                state, plan_r, carry, job, contexts, chunk_states, s.ids[c], s.returns[c])
+                state, plan_r, carry, job, contexts, chunk_states, s.ids[c], s.returns[c],
+                None if s.attacker is None else s.attacker[c])
         state = state._replace(client_states=states[0], aggregator_clients=states[1])
         state, stats = server_j(state, total, collected, hparams, plan_r)
       rows.append(dict(eval_j(state.params, data, eval_data, bool(act and ev)), **stats))

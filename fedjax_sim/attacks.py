@@ -141,8 +141,9 @@ def ipm(fraction: float = 0.0, epsilon: float = 0.5, *, ids=None) -> Attack:
 
 
 def label_flip(fraction: float = 0.0, *, ids=None) -> Attack:
-  """Data poisoning: Byzantine clients train on labels ``y → C − 1 − y`` (``C``: the model's
-  number of classes)."""
+  """Data poisoning: Byzantine clients train on labels ``y → C − 1 − y``.
+
+  ``C`` is the model's number of classes (a multiclass model is needed)."""
   fraction, ids = _fraction(fraction, ids)
   return Attack("label_flip", fraction, ids,
                 label_map=lambda c: jnp.arange(c - 1, -1, -1, dtype=jnp.int32))

@@ -24,12 +24,18 @@ CONFIG_KEYS = {
     "algorithm_options": ({}, "table of the algorithm's own options, e.g. algorithm_options.mu=0.1 "
                           "(fedprox), .option='I' (scaffold), .momentum, .beta1, .beta2, .tau, "
                           ".convention (fedadam...), .max_local_steps, .every (local_sgd_*)"),
-    "aggregator": ("mean", "how client updates are combined: mean | median | clip | dp_mean (see "
-                   "`fedjax-sim list`)"),
+    "aggregator": ("mean", "how client updates are combined: mean | median | clip | dp_mean | "
+                   "trimmed_mean | krum | geometric_median | centered_clip (see `fedjax-sim list`)"),
     "aggregator_options": ({}, "table of the aggregator's options, e.g. aggregator_options."
                            "max_norm=1.0, aggregator_options.inner='median' (clip); "
                            ".clip_norm, .noise_multiplier, .target_quantile, .delta, .accountant "
-                           "(dp_mean)"),
+                           "(dp_mean); .beta (trimmed_mean); .num_byzantine, .num_selected "
+                           "(krum); .tau, .iters (centered_clip)"),
+    "attack": (None, "Byzantine clients: sign_flip | gaussian | scaling | alie | ipm | label_flip "
+               "(none = no attack; see `fedjax-sim list`)"),
+    "attack_options": ({}, "table of the attack's options, e.g. attack_options.fraction=0.2, "
+                       ".scale (sign_flip), .std (gaussian), .factor (scaling), .z (alie), "
+                       ".epsilon (ipm), .ids=[0, 3] (explicit Byzantine clients)"),
     "model": ("softmax_regression", "softmax_regression | logistic_regression | linear_regression "
               "| mlp | cnn | shakespeare_lstm"),
     "dataset": ("power_law", "embedded dataset or 'npz' (see `fedjax-sim list`)"),
@@ -64,7 +70,7 @@ CONFIG_KEYS = {
 
 MODELS = ("softmax_regression", "logistic_regression", "linear_regression", "mlp", "cnn",
           "shakespeare_lstm")
-TABLES = ("dataset_options", "algorithm_options", "aggregator_options", "system")
+TABLES = ("dataset_options", "algorithm_options", "aggregator_options", "attack_options", "system")
 
 
 class ConfigError(ValueError):
@@ -218,6 +224,25 @@ def build_aggregator(config: dict):
     raise ConfigError(f"aggregator_options.{e}") from None
 
 
+def build_attack(config: dict):
+  """The configured attack (``None`` without one); raises ConfigError."""
+  from fedjax_sim import attacks
+  name, options = config["attack"], dict(config["attack_options"])
+  if name is None:
+    if options:
+      raise ConfigError(f"attack_options {options} given without an attack")
+    return None
+  if name not in attacks.REGISTRY:
+    raise ConfigError(f"unknown attack {name!r}; choose from {', '.join(attacks.REGISTRY)}")
+  try:
+    return attacks.REGISTRY[name](**options)
+  except TypeError as e:
+    raise ConfigError(f"bad attack_options {config['attack_options']} for attack {name!r}: "
+                      f"{str(e).split(') ', 1)[-1]}") from None
+  except ValueError as e:
+    raise ConfigError(f"attack_options.{e}") from None
+
+
 def build_system(options: dict):
   """The ``system`` table as a :class:`fedjax_sim.Heterogeneity` (``None`` when empty)."""
   from fedjax_sim import systems
@@ -319,16 +344,23 @@ def use_compilation_cache(directory) -> None:
 def run(args) -> int:
   config = resolve_config(args.config, args.set or [])
   algo, model, train, test = build_experiment(config)
-  from fedjax_sim.simulation import TrainingDiverged, check_arguments, simulate
+  from fedjax_sim.simulation import TrainingDiverged, check_arguments, check_attack, simulate
   system = build_system(config["system"])
   aggregator = build_aggregator(config)
+  attack = build_attack(config)
   run_args = dict(rounds=config["rounds"], clients_per_round=config["clients_per_round"],
                   client_fraction=config["client_fraction"], seed=config["seed"],
                   eval_every=config["eval_every"], plan=config["plan"],
                   chunk_size=config["chunk_size"], rounds_per_block=config["rounds_per_block"],
                   sampling=config["sampling"])
-  try:
-    check_arguments(algo, model, train, test, **run_args)
+  try:  # everything that can be checked before the run directory is written
+    cohort_size, _, how = check_arguments(algo, model, train, test, **run_args)
+    import jax
+    from fedjax_sim import aggregators
+    check_attack(attack, model, model.init(jax.random.key(0)), train)
+    expected = how.rate * train.num_clients if how.kind == "poisson" else cohort_size
+    aggregators.prepare(aggregator, aggregators.CohortInfo(expected, train.num_clients,
+                                                           cohort_size))
   except ValueError as e:
     raise ConfigError(str(e)) from None
   use_compilation_cache(config["compilation_cache"])
@@ -352,7 +384,7 @@ def run(args) -> int:
   history = None
   try:
     result = simulate(algo, model, train, test=test, callback=log, system=system,
-                      aggregator=aggregator,
+                      aggregator=aggregator, attack=attack,
                       dissimilarity=bool(config["dissimilarity"]), **run_args)
     history = result.history
     summary["engine"] = result.info
@@ -407,6 +439,10 @@ def list_available(_args) -> int:
   from fedjax_sim import aggregators
   print("aggregators:")
   for name, fn in aggregators.REGISTRY.items():
+    print(f"  {name:<22} {(fn.__doc__ or '').strip().splitlines()[0]}")
+  from fedjax_sim import attacks
+  print("attacks:")
+  for name, fn in attacks.REGISTRY.items():
     print(f"  {name:<22} {(fn.__doc__ or '').strip().splitlines()[0]}")
   print("models:\n  " + "\n  ".join(MODELS))
   print("datasets:")

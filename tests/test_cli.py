@@ -125,7 +125,9 @@ def test_default_config_is_the_documented_scale():
                  "--set", "aggregator_options.noise_multiplier=0.5", "--set", "sampling='poisson'",
                  "--set", "client_fraction=0.6"]),
     ("local_sgd_growing", ["--set", "algorithm_options.max_local_steps=4",
-                           "--set", "algorithm_options.every=2"]),
+                           "--set", "algorithm_options.every=2", "--set", "attack=sign_flip",
+                           "--set", "attack_options.ids=[1]", "--set", "aggregator=trimmed_mean",
+                           "--set", "aggregator_options.beta=0.34"]),
 ])
 def test_run_every_algorithm_family_from_the_config(algorithm, options, tmp_path):
   out = tmp_path / algorithm
@@ -135,8 +137,11 @@ def test_run_every_algorithm_family_from_the_config(algorithm, options, tmp_path
   rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
   assert {"drift", "grad_dissimilarity", "participants", "train_client_accuracy_p10"} <= rows[-1].keys()
   summary = json.loads((out / "summary.json").read_text())
-  assert summary["engine"]["aggregator"] == {"scaffold": "clip(median)",
-                                             "fedadam": "dp_mean"}.get(algorithm, "mean")
+  assert summary["engine"]["aggregator"] == {"scaffold": "clip(median)", "fedadam": "dp_mean",
+                                             "local_sgd_growing": "trimmed_mean(0.34)"
+                                             }.get(algorithm, "mean")
+  if algorithm == "local_sgd_growing":  # an attack from the config: attackers counted per round
+    assert summary["engine"]["attack"] == "sign_flip" and "attackers" in rows[-1]
   if algorithm == "fedadam":  # DP: ε recorded per evaluated round and in the summary
     assert summary["final"]["epsilon"] == rows[-1]["epsilon"] > rows[0]["epsilon"] > 0
     assert summary["engine"]["privacy"]["sampling"] == "poisson"
@@ -161,6 +166,14 @@ def test_run_every_algorithm_family_from_the_config(algorithm, options, tmp_path
      "number >= 0, got -1"),
     (["--set", "sampling=bernoulli"], "sampling must be 'fixed' or 'poisson', got 'bernoulli'"),
     (["--set", "sampling=poisson"], "give client_fraction"),
+    (["--set", "attack=sybil"], "unknown attack 'sybil'"),
+    (["--set", "attack=sign_flip", "--set", "attack_options.fraction=1.5"],
+     "attack_options.fraction must be in [0, 1), got 1.5"),
+    (["--set", "attack_options.fraction=0.1"], "given without an attack"),
+    (["--set", "attack=ipm", "--set", "attack_options.ids=[7]"],
+     "attack ids must be below the population size 5, got 7"),
+    (["--set", "aggregator=krum", "--set", "aggregator_options.num_byzantine=1"],
+     "needs more than 2·1 + 2 = 4 clients per round, the cohort has 3"),
 ])
 def test_bad_algorithm_and_system_options_are_named(args, message, capsys, tmp_path):
   assert message in _error(args, capsys, tmp_path)

@@ -50,6 +50,7 @@ A = "fedjax_sim/algorithms/"
 T_ENGINE, T_CLIENT, T_ALG = "tests/test_engine.py", "tests/test_client.py", "tests/test_algorithms.py"
 T_PLANS, T_GOLD = "tests/test_plans.py", "tests/test_goldens.py"
 T_DP, T_ROBUST = "tests/test_privacy.py", "tests/test_robust.py"
+T_ATTACK = "tests/test_attacks.py"
 
 MUTATIONS = [
     # --- cohort sampling and round keys
@@ -387,6 +388,36 @@ MUTATIONS = [
       "scale = jnp.minimum(1.0, tau / jnp.maximum(jnp.linalg.norm(diff), 1e-30))",
       (f"{T_ROBUST}::test_centered_clip_is_the_numpy_iteration_and_remembers_the_last_aggregate",),
       "one clip factor for the whole cohort instead of one per client"),
+    # --- attacks
+    M("attack_on_honest_clients", "attacks", STEP,
+      "pick = lambda b, a: jnp.where(is_attacker, b.astype(a.dtype), a)",
+      "pick = lambda b, a: jnp.where(~is_attacker, b.astype(a.dtype), a)",
+      (f"{T_ATTACK}::test_robust_rules_resist_a_scaled_sign_flip_that_breaks_the_mean",),
+      "the honest clients are the ones replaced"),
+    M("byzantine_set_per_round", "attacks", COHORT,
+      "byzantine = attacks.members(spec.attack, jax.random.fold_in(train_key, 0), spec.num_clients)",
+      "byzantine = attacks.members(spec.attack, keys.attack, spec.num_clients)",
+      (f"{T_ATTACK}::test_label_flip_trains_attackers_on_flipped_labels",
+       f"{T_ATTACK}::test_robust_rules_resist_a_scaled_sign_flip_that_breaks_the_mean"),
+      "a new Byzantine set every round"),
+    M("honest_stats_include_attackers", "attacks", "fedjax_sim/attacks.py",
+      "honest = mask & ~attackers", "honest = mask",
+      (f"{T_ATTACK}::test_each_attack_replaces_only_attackers_by_its_formula",
+       f"{T_ATTACK}::test_omniscient_attack_on_the_mean_is_exact"),
+      "the omniscient statistics include the attackers' own updates"),
+    M("alie_s_off_by_one", "attacks", "fedjax_sim/attacks.py",
+      "s = jnp.floor(n / 2 + 1) - f", "s = jnp.floor(n / 2) - f",
+      (f"{T_ATTACK}::test_each_attack_replaces_only_attackers_by_its_formula",),
+      "Baruch et al.'s s = ⌊n/2 + 1⌋ − f off by one"),
+    M("omniscient_not_applied", "attacks", STEP,
+      "  if spec.attack is not None and spec.attack.omniscient:  # attackers read the honest slots",
+      "  if False:",
+      (f"{T_ATTACK}::test_omniscient_attack_on_the_mean_is_exact",),
+      "omniscient attackers send their honest updates"),
+    M("label_map_ignored", "attacks", C,
+      "    y = job.label_map[y]", "    y = y",
+      (f"{T_ATTACK}::test_label_flip_trains_attackers_on_flipped_labels",),
+      "label flipping trains on the true labels"),
     # --- data and loaders
     M("offsets_off_by_one", "data", "fedjax_sim/data.py",
       "np.concatenate([[0], np.cumsum(self.num_examples)[:-1]])",

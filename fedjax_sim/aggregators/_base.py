@@ -63,8 +63,9 @@ class Aggregator(NamedTuple):
   Attributes:
     name: registry name, e.g. ``"median"``.
     reduction: ``"stream"`` or ``"collect"`` (see the module docstring).
-    init: ``fn(update) -> state``, the aggregator's server-side state; ``update`` is shaped like
-      one client's update (in a simulation ``{"delta": params as float32, "message": None}``).
+    init: ``fn(update) -> state``, the aggregator's server-side state; ``update`` is zeros shaped
+      like one client's update (in a simulation ``{"delta": params as float32, "message": the
+      algorithm's message}``).
     client: ``fn(update, client_state, state, *, key) -> (update, client_state)`` applied to each
       client's update before the reduction (``None``: the identity).
     init_client_state: ``fn(update) -> state`` of one client (``update`` as for ``init``), kept

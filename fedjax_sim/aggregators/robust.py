@@ -209,10 +209,6 @@ def centered_clip(tau: float, iters: int = 1) -> Aggregator:
   ``iters`` times ``v ← v + mean_i (x_i − v)·min(1, τ/‖x_i − v‖)`` (unweighted mean over the valid
   clients). The aggregate is kept in the aggregator state for the next round (zeros at first).
 
-  What is remembered is the part of the update ``init`` was shaped by: in a simulation the model
-  delta (an algorithm's message, e.g. SCAFFOLD's, starts from zero every round); with
-  :func:`~fedjax_sim.aggregators.aggregate`, the whole update.
-
   Args:
     tau: the clipping radius ``τ > 0``.
     iters: the number of iterations ``L``.

@@ -29,6 +29,7 @@ from fedjax_sim.engine.cohort import (RoundKeys, Sampling, poisson_capacity, rou
                                      sample_cohort)
 from fedjax_sim.engine.executors import compiled, host_loop
 from fedjax_sim.engine.population import CohortStream, DeviceData, device_data
+from fedjax_sim.engine import round_step
 from fedjax_sim.engine.round_step import ROUND_STATS, ServerState
 from fedjax_sim.engine.spec import PLANS, Plan, RoundSpec
 
@@ -106,15 +107,15 @@ def build_engine(model, algo: Algorithm, train, plan: Plan, cohort_size: int, tr
     run_block, init_state = compiled.build(spec, data, train_key, evaluate, eval_data,
                                            population_metrics, hparams, sweep, stream)
   if len(runs) > 1:
-    init_state = _per_run_aggregator_states(init_state, runs)
+    init_state = _per_run_aggregator_states(spec, init_state, runs)
   return Engine(run_block, init_state, buckets, groups, plan, spec, runs)
 
 
-def _per_run_aggregator_states(init_state, runs):
+def _per_run_aggregator_states(spec, init_state, runs):
   """A sweep's ``init_state`` whose aggregator state is each run's own (its hparams)."""
   def init(params):
     state = init_state(params)
-    update = {"delta": jax.tree.map(lambda a: a[0].astype(jnp.float32), params), "message": None}
+    update = round_step.update_template(spec, jax.tree.map(lambda a: a[0], params))
     per_run = [agg.init(update) for agg in runs]
     return state._replace(aggregator=jax.tree.map(lambda *xs: jnp.stack(xs), *per_run))
   return init

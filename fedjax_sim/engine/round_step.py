@@ -329,6 +329,25 @@ def no_stats(spec) -> dict:
   return {k: jnp.float32(0.0) for k in keys}
 
 
+def update_template(spec, params):
+  """Zeros shaped like one client's update ``{"delta", "message"}`` (the algorithm's message
+  traced abstractly from its ``client_result``): what the aggregator's states are shaped by."""
+  hooks = spec.algo.hooks
+  delta = jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), params)
+  if hooks.client_result is None:
+    return {"delta": delta, "message": None}
+
+  def message():
+    extra = None if hooks.init_server_extra is None else hooks.init_server_extra(params)
+    client_state = None if hooks.init_client_state is None else hooks.init_client_state(params)
+    hp = {k: jnp.float32(v) for k, v in spec.algo.hparams.items()}
+    context = ClientContext(params, jnp.int32(1), hp, None if hooks.client_extra is None
+                            else hooks.client_extra(extra, client_state))
+    out = ClientOutput(context, params, jnp.int32(1), jnp.int32(1), client_state, lambda p: p)
+    return _f32(hooks.client_result(out)[0])
+  return {"delta": delta, "message": zeros_of(message)()}
+
+
 def init_state(spec, params) -> ServerState:
   """The server state before round 1."""
   algo, agg = spec.algo, spec.aggregator
@@ -337,7 +356,7 @@ def init_state(spec, params) -> ServerState:
   population = lambda tree: jax.tree.map(lambda a: jnp.repeat(a[None], spec.num_clients, axis=0),
                                          tree)
   states = None if hooks.init_client_state is None else population(hooks.init_client_state(params))
-  update = {"delta": _f32(params), "message": None}  # what the aggregator's state is shaped by
+  update = update_template(spec, params)
   agg_clients = (None if agg.init_client_state is None
                  else population(agg.init_client_state(update)))
   return ServerState(params, algo.server_optimizer.init(params), extra, states, agg.init(update),

@@ -48,7 +48,9 @@ class SimulationResult:
       (with ``dissimilarity=True``); that round's client drift ``drift`` (``Σ p_k ‖θ_k − θ̄‖²``),
       ``update_norm_mean``, ``update_norm_max`` and ``participants``; under Poisson sampling
       ``drawn`` (clients drawn that round); with a DP aggregator ``epsilon`` (cumulative, at the
-      aggregator's δ); and ``elapsed`` (seconds).
+      aggregator's δ); ``bytes_up`` (what the clients that returned sent, in the aggregator's
+      encoding: dense float32 unless it compresses) and ``bytes_down`` (the model sent to the
+      cohort); and ``elapsed`` (seconds).
     info: plan, buckets, padding waste, compilations, timings.
     state: the final server state (:class:`fedjax_sim.ServerState`: params, server optimizer
       state, the algorithm's server and per-client states, the aggregator's states).
@@ -240,6 +242,25 @@ def epsilon_of(aggregator, sampling, cohort_size: int, num_clients: int):
   return spent
 
 
+def derived_columns(engine, params, epsilon, cohort_size: int):
+  """``fn(round, row) -> dict``: the history columns computed on the host from a round's row:
+  ``epsilon`` (DP runs) and the round's traffic ``bytes_up`` / ``bytes_down``."""
+  from fedjax_sim.aggregators.compress import dense_bytes
+  agg = engine.spec.aggregator
+  template = jax.eval_shape(lambda p: engine_lib.round_step.update_template(engine.spec, p),
+                            params)
+  up = (agg.encoded_bytes or dense_bytes)(template)
+  down = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(params))
+
+  def columns(round_num: int, row: dict) -> dict:
+    members = min(row.get("drawn", cohort_size), cohort_size)
+    out = {"bytes_up": row["participants"] * up, "bytes_down": members * down}
+    if epsilon is not None:
+      out["epsilon"] = epsilon(round_num)
+    return out
+  return columns
+
+
 def check_overflow(metrics: dict, round_nums, active, capacity: int) -> list[int]:
   """Rounds of a block whose Poisson draw exceeded the slot capacity (warned about: the extra
   clients got no slot)."""
@@ -337,7 +358,8 @@ def simulate(algorithm: Algorithm, model: Model, train: FederatedData, rounds: i
                                   metrics_lib.gradient_dissimilarity(model)
                                   if dissimilarity else None, streaming=streaming,
                                   aggregator=aggregator, sampling=how, attack=attack)
-  epsilon = epsilon_of(engine.spec.aggregator, how, cohort_size, train.num_clients)
+  columns = derived_columns(engine, params, epsilon_of(engine.spec.aggregator, how, cohort_size,
+                                                       train.num_clients), cohort_size)
   dp = privacy_of(engine.spec.aggregator, how, cohort_size, train.num_clients)
   info = {
       "plan": chosen.name, "chunk_size": chosen.chunk_size, "unroll": chosen.unroll,
@@ -364,7 +386,7 @@ def simulate(algorithm: Algorithm, model: Model, train: FederatedData, rounds: i
     metrics = jax.device_get(metrics)
     elapsed = time.perf_counter() - start
     block_seconds.append(elapsed - sum(block_seconds))
-    rows, diverged = history_rows(metrics, round_nums, active, do_eval, elapsed, epsilon)
+    rows, diverged = history_rows(metrics, round_nums, active, do_eval, elapsed, columns)
     info["overflow_rounds"] += check_overflow(metrics, round_nums, active, cohort_size)
     for row in rows:
       for k, v in row.items():
@@ -408,9 +430,9 @@ def blocks(rounds: int, block_len: int, eval_every: int):
     yield round_nums, active, active & ((round_nums % eval_every == 0) | (round_nums == rounds))
 
 
-def history_rows(metrics: dict, round_nums, active, do_eval, elapsed: float, epsilon=None):
+def history_rows(metrics: dict, round_nums, active, do_eval, elapsed: float, columns=None):
   """One block's metrics (``[block]`` arrays) → ``(rows of evaluated rounds, diverged round)``;
-  ``epsilon(rounds)`` adds the cumulative privacy spent."""
+  ``columns(round, row)`` adds host-derived columns (:func:`derived_columns`)."""
   rows = []
   for i, r in enumerate(round_nums):
     if not active[i]:
@@ -419,8 +441,8 @@ def history_rows(metrics: dict, round_nums, active, do_eval, elapsed: float, eps
     if not metrics["finite"][i] or (do_eval[i] and not all(map(math.isfinite, row.values()))):
       return rows, int(r)
     if do_eval[i]:
-      spent = {} if epsilon is None else {"epsilon": epsilon(int(r))}
-      rows.append({"round": int(r), **row, **spent, "elapsed": elapsed})
+      more = {} if columns is None else columns(int(r), row)
+      rows.append({"round": int(r), **row, **more, "elapsed": elapsed})
   return rows, None
 
 

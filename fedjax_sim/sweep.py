@@ -122,7 +122,9 @@ def simulate_sweep(algorithm: Algorithm, model: Model, trains, seeds: Sequence[i
                                   hparams=run_hparams, aggregator=aggregator, sampling=how,
                                   aggregator_hparams=agg_overrides, attack=attack)
   num_clients = trains[0].num_clients
-  epsilons = [sim.epsilon_of(a, how, cohort_size, num_clients) for a in engine.aggregators]
+  columns = [sim.derived_columns(engine, params[0], sim.epsilon_of(a, how, cohort_size,
+                                                                    num_clients), cohort_size)
+             for a in engine.aggregators]
 
   histories = [{"round": []} for _ in range(runs)]
   diverged: list[int | None] = [None] * runs
@@ -141,7 +143,7 @@ def simulate_sweep(algorithm: Algorithm, model: Model, trains, seeds: Sequence[i
         continue
       metrics_i = {k: v[i] for k, v in metrics.items()}
       rows_i, diverged[i] = sim.history_rows(metrics_i, round_nums, active, do_eval, elapsed,
-                                             epsilons[i])
+                                             columns[i])
       overflow[i] += sim.check_overflow(metrics_i, round_nums, active, cohort_size)
       for row in rows_i:
         for k, v in row.items():

@@ -69,14 +69,16 @@ def _cases():
 
 
 def _record_of(result) -> dict:
-  """Every leaf of the final state and every history column (``elapsed`` excluded)."""
+  """Every leaf of the final state and every history column (``elapsed`` excluded, and the
+  traffic columns, which the host derives from ``participants`` and the shapes, added after
+  the goldens were recorded)."""
   results = result if isinstance(result, list) else [result]
   out = {}
   for i, res in enumerate(results):
     for path, leaf in jax.tree_util.tree_flatten_with_path(res.state)[0]:
       out[f"{i}/state{jax.tree_util.keystr(path)}"] = np.asarray(leaf)
     for k, v in res.history.items():
-      if k != "elapsed":
+      if k not in ("elapsed", "bytes_up", "bytes_down"):
         out[f"{i}/history/{k}"] = np.asarray(v, np.float64)
   return out
 

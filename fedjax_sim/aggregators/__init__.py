@@ -9,6 +9,7 @@ for what an aggregator applies to.
 from fedjax_sim.aggregators._base import (REDUCTIONS, Aggregator, CohortInfo, StreamSums,
                                           aggregate, check, prepare, tree_norm, weighted_sums)
 from fedjax_sim.aggregators.clip import clip, clip_by_norm
+from fedjax_sim.aggregators.compress import quantize, random_k, sign, top_k
 from fedjax_sim.aggregators.dp import dp_mean
 from fedjax_sim.aggregators.mean import mean, weighted_mean
 from fedjax_sim.aggregators.median import masked_median, median
@@ -18,9 +19,10 @@ from fedjax_sim.aggregators.robust import centered_clip, geometric_median, krum,
 # name -> factory, for the CLI (``aggregator`` and ``aggregator_options.*``)
 REGISTRY = {"mean": mean, "median": median, "clip": clip, "dp_mean": dp_mean,
             "trimmed_mean": trimmed_mean, "krum": krum, "geometric_median": geometric_median,
-            "centered_clip": centered_clip}
+            "centered_clip": centered_clip, "quantize": quantize, "top_k": top_k,
+            "random_k": random_k, "sign": sign}
 
 __all__ = ["Aggregator", "CohortInfo", "REDUCTIONS", "REGISTRY", "StreamSums", "aggregate", "check",
            "centered_clip", "clip", "clip_by_norm", "dp_mean", "geometric_median", "krum",
-           "masked_median", "mean", "median", "prepare", "robust", "tree_norm", "trimmed_mean",
-           "weighted_mean", "weighted_sums"]
+           "masked_median", "mean", "median", "prepare", "quantize", "random_k", "robust", "sign",
+           "top_k", "tree_norm", "trimmed_mean", "weighted_mean", "weighted_sums"]

@@ -86,6 +86,8 @@ class Aggregator(NamedTuple):
       aggregator specialized to the cohort (``None``: used as is).
     privacy: the DP accounting of the aggregator's noise
       (:class:`fedjax_sim.privacy.Accounting`), read by the simulation to record ``epsilon``.
+    encoded_bytes: ``fn(update) -> int``, the bytes one client sends (a compressor's encoding;
+      ``None``: the dense float32 update), for ``history["bytes_up"]``.
   """
   name: str
   reduction: str
@@ -99,6 +101,7 @@ class Aggregator(NamedTuple):
   hparams: dict | None = None
   setup: Callable | None = None
   privacy: Any = None
+  encoded_bytes: Callable | None = None
 
 
 def check(aggregator) -> "Aggregator":

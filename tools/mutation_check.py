@@ -50,7 +50,7 @@ A = "fedjax_sim/algorithms/"
 T_ENGINE, T_CLIENT, T_ALG = "tests/test_engine.py", "tests/test_client.py", "tests/test_algorithms.py"
 T_PLANS, T_GOLD = "tests/test_plans.py", "tests/test_goldens.py"
 T_DP, T_ROBUST = "tests/test_privacy.py", "tests/test_robust.py"
-T_ATTACK = "tests/test_attacks.py"
+T_ATTACK, T_COMPRESS = "tests/test_attacks.py", "tests/test_compress.py"
 
 MUTATIONS = [
     # --- cohort sampling and round keys
@@ -418,6 +418,30 @@ MUTATIONS = [
       "    y = job.label_map[y]", "    y = y",
       (f"{T_ATTACK}::test_label_flip_trains_attackers_on_flipped_labels",),
       "label flipping trains on the true labels"),
+    # --- compression
+    M("quantize_rounds_down", "compression", AGG + "compress.py",
+      "level = low + (jax.random.uniform(key, v.shape) < t - low)", "level = low",
+      (f"{T_COMPRESS}::test_quantization_is_unbiased_and_on_the_grid",),
+      "deterministic rounding down: biased toward −r"),
+    M("random_k_unscaled", "compression", AGG + "compress.py",
+      "scale = 1.0 if error_feedback else flat.size / k", "scale = 1.0",
+      (f"{T_COMPRESS}::test_sparsifiers_and_sign_are_their_definitions",),
+      "random-k without the size/k scale is biased"),
+    M("error_feedback_drops_residual", "compression", AGG + "compress.py",
+      "residual = jax.tree.map(jnp.subtract, target, sent)",
+      "residual = jax.tree.map(jnp.zeros_like, target)",
+      (f"{T_COMPRESS}::test_error_feedback_sends_everything_eventually",
+       f"{T_COMPRESS}::test_error_feedback_makes_top_k_converge_and_bytes_follow_the_encoding"),
+      "the unsent remainder is forgotten"),
+    M("top_k_smallest", "compression", AGG + "compress.py",
+      "_, idx = lax.top_k(jnp.abs(flat), _kept(flat.size, fraction))",
+      "_, idx = lax.top_k(-jnp.abs(flat), _kept(flat.size, fraction))",
+      (f"{T_COMPRESS}::test_sparsifiers_and_sign_are_their_definitions",),
+      "the smallest coordinates are kept"),
+    M("bytes_dense_always", "compression", "fedjax_sim/simulation.py",
+      "up = (agg.encoded_bytes or dense_bytes)(template)", "up = dense_bytes(template)",
+      (f"{T_COMPRESS}::test_error_feedback_makes_top_k_converge_and_bytes_follow_the_encoding",),
+      "compressed runs report dense traffic"),
     # --- data and loaders
     M("offsets_off_by_one", "data", "fedjax_sim/data.py",
       "np.concatenate([[0], np.cumsum(self.num_examples)[:-1]])",

@@ -328,7 +328,7 @@ MUTATIONS = [
       (f"{T_DP}::test_update_noise_is_raised_for_the_released_count",),
       "adaptive clipping's count spends privacy that the update noise does not pay back"),
     M("sweep_dp_options_ignored", "privacy", "fedjax_sim/engine/__init__.py",
-      "  if len(runs) > 1:\n    init_state = _per_run_aggregator_states(init_state, runs)", "",
+      "  if len(runs) > 1:\n    init_state = _per_run_aggregator_states(spec, init_state, runs)", "",
       (f"{T_DP}::test_dp_mean_without_noise_is_uniform_fedavg_and_sweeps_take_dp_options_as_data",),
       "every run of a sweep uses run 0's clip norm and noise"),
     M("fixed_sampling_add_remove", "privacy", "fedjax_sim/privacy.py",

@@ -25,12 +25,14 @@ CONFIG_KEYS = {
                           "(fedprox), .option='I' (scaffold), .momentum, .beta1, .beta2, .tau, "
                           ".convention (fedadam...), .max_local_steps, .every (local_sgd_*)"),
     "aggregator": ("mean", "how client updates are combined: mean | median | clip | dp_mean | "
-                   "trimmed_mean | krum | geometric_median | centered_clip (see `fedjax-sim list`)"),
+                   "trimmed_mean | krum | geometric_median | centered_clip | quantize | top_k | "
+                   "random_k | sign (see `fedjax-sim list`)"),
     "aggregator_options": ({}, "table of the aggregator's options, e.g. aggregator_options."
                            "max_norm=1.0, aggregator_options.inner='median' (clip); "
                            ".clip_norm, .noise_multiplier, .target_quantile, .delta, .accountant "
                            "(dp_mean); .beta (trimmed_mean); .num_byzantine, .num_selected "
-                           "(krum); .tau, .iters (centered_clip)"),
+                           "(krum); .tau, .iters (centered_clip); .bits (quantize); .fraction, "
+                           ".error_feedback (top_k, random_k); .inner (compressors)"),
     "attack": (None, "Byzantine clients: sign_flip | gaussian | scaling | alie | ipm | label_flip "
                "(none = no attack; see `fedjax-sim list`)"),
     "attack_options": ({}, "table of the attack's options, e.g. attack_options.fraction=0.2, "

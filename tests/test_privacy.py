@@ -236,7 +236,8 @@ def test_dp_run_with_poisson_sampling_records_epsilon_and_reports_overflow(clien
 
 def test_dp_mean_without_noise_is_uniform_fedavg_and_sweeps_take_dp_options_as_data(clients):
   """Run 0 of the sweep (z = 0, a clip norm nothing reaches) equals uniform FedAvg; run 1 is
-  noised and clipped, its own ε recorded; the clip norm and noise are per-run data."""
+  noised and clipped, its own ε recorded; the clip norm and noise are per-run data. Secure
+  aggregation, also a uniform mean, equals the same run to fixed-point precision."""
   fd, model = clients
   args = dict(rounds=3, clients_per_round=10)
   uniform = fs.simulate(fs.algorithms.fedavg(client_lr=0.2, batch_size=4, weighting="uniform"),
@@ -246,6 +247,11 @@ def test_dp_mean_without_noise_is_uniform_fedavg_and_sweeps_take_dp_options_as_d
                            aggregator_hparams=[{"noise_multiplier": 0.0, "clip_norm": 1e6}, {}],
                            **args)
   assert_close(runs[0].params, uniform.params, rtol=1e-5, atol=1e-6)
+  # secure aggregation's uniform mean, to its fixed-point step (2^-16 per round)
+  secure = fs.simulate(fs.algorithms.fedavg(client_lr=0.2, batch_size=4), model, fd, seed=4,
+                       aggregator=agg.secure_mean(), **args)
+  assert_close(secure.params, uniform.params, rtol=0, atol=1e-4)
+  assert secure.history["saturated"] == [0.0] * 3
   assert runs[0].history["epsilon"] == [math.inf] * 3
   assert runs[1].history["epsilon"][-1] == pytest.approx(
       privacy.epsilon(1.0, 10 / 32, 3, 1 / 32 ** 1.1, sampling="fixed", num_clients=32))

@@ -51,6 +51,7 @@ T_ENGINE, T_CLIENT, T_ALG = "tests/test_engine.py", "tests/test_client.py", "tes
 T_PLANS, T_GOLD = "tests/test_plans.py", "tests/test_goldens.py"
 T_DP, T_ROBUST = "tests/test_privacy.py", "tests/test_robust.py"
 T_ATTACK, T_COMPRESS = "tests/test_attacks.py", "tests/test_compress.py"
+T_SECURE = "tests/test_secure.py"
 
 MUTATIONS = [
     # --- cohort sampling and round keys
@@ -442,6 +443,26 @@ MUTATIONS = [
       "up = (agg.encoded_bytes or dense_bytes)(template)", "up = dense_bytes(template)",
       (f"{T_COMPRESS}::test_error_feedback_makes_top_k_converge_and_bytes_follow_the_encoding",),
       "compressed runs report dense traffic"),
+    # --- secure aggregation
+    M("secure_masks_one_sided", "secure", AGG + "secure.py",
+      "signed = jnp.where((q > p)[:, None], prg, -prg)", "signed = prg",
+      (f"{T_SECURE}::test_the_server_recovers_the_field_sum_of_the_returned_parties",),
+      "both parties of a pair add the mask: nothing cancels"),
+    M("secure_dropped_masks_kept", "secure", AGG + "secure.py",
+      "return (total - leftover) & field", "return total & field",
+      (f"{T_SECURE}::test_the_server_recovers_the_field_sum_of_the_returned_parties",
+       f"{T_SECURE}::test_secure_mean_is_the_plain_mean_to_fixed_point_precision_with_dropouts"),
+      "the dropped parties' partners keep uncancelled masks"),
+    M("secure_no_saturation", "secure", AGG + "secure.py",
+      "ints = jnp.clip(scaled, -bound, bound).astype(jnp.int32)",
+      "ints = scaled.astype(jnp.int32)",
+      (f"{T_SECURE}::test_saturated_coordinates_are_counted_not_wrapped",),
+      "a huge coordinate wraps around the field"),
+    M("secure_unsigned_decode", "secure", AGG + "secure.py",
+      "signed = lax.bitcast_convert_type(field_sum << shift, jnp.int32) >> (32 - bits)",
+      "signed = (field_sum << shift) >> (32 - bits)",
+      (f"{T_SECURE}::test_secure_mean_is_the_plain_mean_to_fixed_point_precision_with_dropouts",),
+      "negative sums decoded as large positive numbers"),
     # --- data and loaders
     M("offsets_off_by_one", "data", "fedjax_sim/data.py",
       "np.concatenate([[0], np.cumsum(self.num_examples)[:-1]])",

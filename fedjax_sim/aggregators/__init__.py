@@ -15,14 +15,15 @@ from fedjax_sim.aggregators.mean import mean, weighted_mean
 from fedjax_sim.aggregators.median import masked_median, median
 from fedjax_sim.aggregators import robust
 from fedjax_sim.aggregators.robust import centered_clip, geometric_median, krum, trimmed_mean
+from fedjax_sim.aggregators.secure import secure_mean
 
 # name -> factory, for the CLI (``aggregator`` and ``aggregator_options.*``)
 REGISTRY = {"mean": mean, "median": median, "clip": clip, "dp_mean": dp_mean,
             "trimmed_mean": trimmed_mean, "krum": krum, "geometric_median": geometric_median,
             "centered_clip": centered_clip, "quantize": quantize, "top_k": top_k,
-            "random_k": random_k, "sign": sign}
+            "random_k": random_k, "sign": sign, "secure_mean": secure_mean}
 
 __all__ = ["Aggregator", "CohortInfo", "REDUCTIONS", "REGISTRY", "StreamSums", "aggregate", "check",
            "centered_clip", "clip", "clip_by_norm", "dp_mean", "geometric_median", "krum",
-           "masked_median", "mean", "median", "prepare", "quantize", "random_k", "robust", "sign",
+           "masked_median", "mean", "median", "prepare", "quantize", "random_k", "robust", "secure_mean", "sign",
            "top_k", "tree_norm", "trimmed_mean", "weighted_mean", "weighted_sums"]

@@ -88,6 +88,8 @@ class Aggregator(NamedTuple):
       (:class:`fedjax_sim.privacy.Accounting`), read by the simulation to record ``epsilon``.
     encoded_bytes: ``fn(update) -> int``, the bytes one client sends (a compressor's encoding;
       ``None``: the dense float32 update), for ``history["bytes_up"]``.
+    report: names of scalar entries of the (dict) state added to every round's statistics and
+      history (e.g. DP's adapted ``clip_norm``).
   """
   name: str
   reduction: str
@@ -102,6 +104,7 @@ class Aggregator(NamedTuple):
   setup: Callable | None = None
   privacy: Any = None
   encoded_bytes: Callable | None = None
+  report: tuple = ()
 
 
 def check(aggregator) -> "Aggregator":

@@ -159,7 +159,7 @@ def dp_mean(clip_norm: float, noise_multiplier: float, *, target_quantile: float
 
     return Aggregator(name=name, reduction="stream", init=init, client=client,
                       finalize=finalize, server=server, weighting="uniform", hparams=hp,
-                      privacy=privacy)
+                      privacy=privacy, report=("clip_norm",))
 
   # Its functions exist once setup knows the expected cohort size (engine, aggregate()).
   return Aggregator(name=name, reduction="stream", weighting="uniform", hparams=hparams,

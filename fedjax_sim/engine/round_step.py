@@ -318,6 +318,7 @@ def server_step(spec, state: ServerState, sums: RoundSums, collected: Collected 
     stats["drawn"] = plan_r.drawn.astype(jnp.float32)
   if spec.attack is not None:
     stats["attackers"] = jnp.sum(plan_r.attackers.astype(jnp.float32))
+  stats.update({k: jnp.asarray(agg_state[k], jnp.float32) for k in agg.report})
   new_state = state._replace(params=params, opt_state=opt_state, extra=extra, aggregator=agg_state)
   return new_state, stats
 
@@ -325,7 +326,8 @@ def server_step(spec, state: ServerState, sums: RoundSums, collected: Collected 
 def no_stats(spec) -> dict:
   """The statistics of a round that did not run (inactive rounds of a padded block)."""
   keys = (ROUND_STATS + ("local_steps",) * (spec.algo.hooks.round_steps is not None)
-          + ("drawn",) * spec.poisson + ATTACK_STATS * (spec.attack is not None))
+          + ("drawn",) * spec.poisson + ATTACK_STATS * (spec.attack is not None)
+          + tuple(spec.aggregator.report))
   return {k: jnp.float32(0.0) for k in keys}
 
 

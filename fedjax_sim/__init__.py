@@ -13,6 +13,6 @@ from fedjax_sim.simulation import SimulationResult, TrainingDiverged, simulate
 __version__ = "0.1.0"
 
 __all__ = ["Algorithm", "DataError", "FederatedData", "Heterogeneity", "Model", "ServerState",
-           "SimulationResult", "TrainingDiverged", "aggregators", "algorithms", "attacks", "datasets",
-           "describe", "engine", "metrics", "models", "partition", "privacy", "reference", "simulate",
-           "simulate_sweep"]
+           "SimulationResult", "TrainingDiverged", "aggregators", "algorithms", "attacks",
+           "datasets", "describe", "engine", "metrics", "models", "partition", "privacy",
+           "reference", "simulate", "simulate_sweep"]

@@ -23,7 +23,8 @@ REGISTRY = {"mean": mean, "median": median, "clip": clip, "dp_mean": dp_mean,
             "centered_clip": centered_clip, "quantize": quantize, "top_k": top_k,
             "random_k": random_k, "sign": sign, "secure_mean": secure_mean}
 
-__all__ = ["Aggregator", "CohortInfo", "REDUCTIONS", "REGISTRY", "StreamSums", "aggregate", "check",
-           "centered_clip", "clip", "clip_by_norm", "dp_mean", "geometric_median", "krum",
-           "masked_median", "mean", "median", "prepare", "quantize", "random_k", "robust", "secure_mean", "sign",
-           "top_k", "tree_norm", "trimmed_mean", "weighted_mean", "weighted_sums"]
+__all__ = ["Aggregator", "CohortInfo", "REDUCTIONS", "REGISTRY", "StreamSums", "aggregate",
+           "centered_clip", "check", "clip", "clip_by_norm", "dp_mean", "geometric_median", "krum",
+           "masked_median", "mean", "median", "prepare", "quantize", "random_k", "robust",
+           "secure_mean", "sign", "top_k", "tree_norm", "trimmed_mean", "weighted_mean",
+           "weighted_sums"]

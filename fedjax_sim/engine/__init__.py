@@ -122,5 +122,6 @@ def _per_run_aggregator_states(spec, init_state, runs):
 
 
 __all__ = ["Bucket", "CohortStream", "DeviceData", "Engine", "PLANS", "Plan", "ROUND_STATS",
-           "RoundKeys", "RoundSpec", "Sampling", "ServerState", "build_engine", "device_data", "make_buckets",
-           "padding_waste", "poisson_capacity", "round_keys", "sample_cohort", "size_buckets"]
+           "RoundKeys", "RoundSpec", "Sampling", "ServerState", "build_engine", "device_data",
+           "make_buckets", "padding_waste", "poisson_capacity", "round_keys", "sample_cohort",
+           "size_buckets"]

@@ -13,8 +13,9 @@ r)``; ``sample, clients, system = split(round_key, 3)`` (the derivation every ea
 used, so no number changed when more streams were added); the streams added with aggregators are
 ``fold_in(round_key, 1001 …)``: the per-client transform (client ``k`` uses ``fold_in(stream,
 k)``), the reduction, the server-side transform and Byzantine updates. The Byzantine set of an
-attack comes from ``fold_in(train_key, 0)``, round 0's key, which no round uses. Client ``k``'s training key is
-``fold_in(clients, k)`` with ``k`` its global id; ``system`` draws stragglers and dropouts.
+attack comes from ``fold_in(train_key, 0)``, round 0's key, which no round uses. Client ``k``'s
+training key is ``fold_in(clients, k)`` with ``k`` its global id; ``system`` draws stragglers and
+dropouts.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ from fedjax_sim import attacks, systems
 
 
 OVERFLOW_PROBABILITY = 1e-9  # per round, for the capacity of Poisson-sampled cohorts
-SAMPLINGS = ("fixed", "poisson")
 
 
 class Sampling(NamedTuple):

@@ -32,11 +32,11 @@ class CohortStream:
   """A population kept in host memory, sent to the device one block of cohorts at a time.
 
   For each round of a block the cohort is sampled exactly as on device (same key, same
-  :func:`~fedjax_sim.engine.cohort.draw_cohort`), its clients' rows are gathered on the host into one compact array in
-  cohort order, and the block's rounds go to the device stacked ``[rounds, rows, ...]``, with the
-  row count rounded up to a power of two (few compiled shapes). Clients keep their population
-  bucket and their global id (client keys and per-client states use it), so results equal the
-  on-device path. Host memory: the population's flat arrays plus two blocks of cohort rows (the
+  :func:`~fedjax_sim.engine.cohort.draw_cohort`), its clients' rows are gathered on the host into
+  one compact array in cohort order, and the block's rounds go to the device stacked
+  ``[rounds, rows, ...]``, with the row count rounded up to a power of two (few compiled shapes).
+  Clients keep their population bucket and their global id (client keys and per-client states use
+  it), so results equal the on-device path. Host memory: the population's flat arrays plus two blocks of cohort rows (the
   block in flight and the next one, gathered while the device runs — double buffering).
   """
 

@@ -217,13 +217,19 @@ def build_aggregator(config: dict):
       raise ConfigError(f"aggregator_options.inner must name an aggregator without options of "
                         f"its own ({', '.join(plain)}), got {inner!r}")
     options["inner"] = aggregators.REGISTRY[inner]()
+  return _make("aggregator", aggregators.REGISTRY[name], options, config)
+
+
+def _make(kind: str, factory, options: dict, config: dict):
+  """``factory(**options)`` for the ``kind`` key (aggregator, attack), its errors as ConfigError
+  naming ``{kind}_options``."""
   try:
-    return aggregators.REGISTRY[name](**options)
+    return factory(**options)
   except TypeError as e:
-    raise ConfigError(f"bad aggregator_options {config['aggregator_options']} for aggregator "
-                      f"{name!r}: {str(e).split(') ', 1)[-1]}") from None
+    raise ConfigError(f"bad {kind}_options {config[kind + '_options']} for {kind} "
+                      f"{config[kind]!r}: {str(e).split(') ', 1)[-1]}") from None
   except ValueError as e:
-    raise ConfigError(f"aggregator_options.{e}") from None
+    raise ConfigError(f"{kind}_options.{e}") from None
 
 
 def build_attack(config: dict):
@@ -236,13 +242,7 @@ def build_attack(config: dict):
     return None
   if name not in attacks.REGISTRY:
     raise ConfigError(f"unknown attack {name!r}; choose from {', '.join(attacks.REGISTRY)}")
-  try:
-    return attacks.REGISTRY[name](**options)
-  except TypeError as e:
-    raise ConfigError(f"bad attack_options {config['attack_options']} for attack {name!r}: "
-                      f"{str(e).split(') ', 1)[-1]}") from None
-  except ValueError as e:
-    raise ConfigError(f"attack_options.{e}") from None
+  return _make("attack", attacks.REGISTRY[name], options, config)
 
 
 def build_system(options: dict):

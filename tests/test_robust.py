@@ -1,6 +1,7 @@
 """Byzantine-robust aggregators (``fedjax_sim.aggregators.robust``) against plain NumPy, through
 ``aggregate``: odd and even cohorts, masked slots, ties."""
 
+import importlib
 import math
 
 import jax
@@ -10,6 +11,9 @@ import pytest
 from scipy import optimize
 
 from fedjax_sim import aggregators as agg
+
+# the module (``agg.median`` is the aggregator factory of the same name)
+median_module = importlib.import_module("fedjax_sim.aggregators.median")
 
 
 def _cohort(num, seed, ties=False):
@@ -48,6 +52,23 @@ def test_trimmed_mean_is_numpy_over_unmasked_clients(num, ties, beta):
   np.testing.assert_allclose(_flat(got), want, rtol=1e-5, atol=1e-6)
   if beta == 0.0:  # the unweighted mean
     np.testing.assert_allclose(_flat(got), _flat_rows(updates)[mask].mean(0), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_trimmed_mean_counts_pairs_packed_or_not(packed, monkeypatch):
+  # below PACKED_COUNT_ROWS rows two counts share one int32 sum; above, two sums: same result
+  if not packed:
+    monkeypatch.setattr(median_module, "PACKED_COUNT_ROWS", 0)
+  updates, mask = _cohort(40, seed=7, ties=True)
+  got = agg.aggregate(agg.trimmed_mean(0.2), updates, jnp.ones(40), mask=mask)
+  want = numpy_trimmed_mean(_flat_rows(updates)[mask], 0.2)
+  np.testing.assert_allclose(_flat(got), want, rtol=1e-5, atol=1e-6)
+  lo, hi = median_module.kth_smallest_keys_pair(
+      median_module.sortable_keys(updates["a"].reshape(40, -1)), jnp.asarray(mask),
+      jnp.int32(3), jnp.int32(30))
+  rows = np.sort(np.asarray(updates["a"]).reshape(40, -1)[mask], axis=0)
+  np.testing.assert_array_equal(np.asarray(median_module.from_sortable_keys(lo)), rows[3])
+  np.testing.assert_array_equal(np.asarray(median_module.from_sortable_keys(hi)), rows[30])
 
 
 def numpy_krum_scores(rows, f):

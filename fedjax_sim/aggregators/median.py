@@ -51,6 +51,34 @@ def kth_smallest_keys(keys: jax.Array, mask: jax.Array, k: jax.Array) -> jax.Arr
   return lax.fori_loop(0, 32, step, jnp.zeros(keys.shape[1:], jnp.uint32))
 
 
+PACKED_COUNT_ROWS = 1 << 15  # below this many rows, two per-column counts share one int32 sum
+
+
+def count_pair(valid: jax.Array, first: jax.Array, second: jax.Array):
+  """Per column of ``[rows, d]`` booleans, ``#(valid & first)`` and ``#(valid & second)`` in one
+  pass over the rows: with fewer than ``PACKED_COUNT_ROWS`` rows, the two counts are summed as one
+  int32 (the second in the high 16 bits; XLA:CPU does not fuse two sibling reductions, and each
+  reads the whole ``[rows, d]`` input)."""
+  if first.shape[0] < PACKED_COUNT_ROWS:
+    both = jnp.sum(jnp.where(valid, first.astype(jnp.int32) + (second.astype(jnp.int32) << 16),
+                             0), axis=0)
+    return both & 0xFFFF, both >> 16
+  return jnp.sum(valid & first, axis=0), jnp.sum(valid & second, axis=0)
+
+
+def kth_smallest_keys_pair(keys: jax.Array, mask: jax.Array, k1: jax.Array, k2: jax.Array):
+  """:func:`kth_smallest_keys` for two ranks at once: both candidates are refined in the same 32
+  passes, each pass counting for both in one read of ``keys`` (:func:`count_pair`)."""
+  valid = mask if mask.ndim == keys.ndim else mask[:, None]
+  def step(i, found):
+    bit = jnp.uint32(1) << (31 - i).astype(jnp.uint32)
+    c1, c2 = found[0] | bit, found[1] | bit
+    below1, below2 = count_pair(valid, keys < c1[None], keys < c2[None])
+    return jnp.where(below1 <= k1, c1, found[0]), jnp.where(below2 <= k2, c2, found[1])
+  zeros = jnp.zeros(keys.shape[1:], jnp.uint32)
+  return lax.fori_loop(0, 32, step, (zeros, zeros))
+
+
 def masked_median(updates, weights, mask, state=None, *, key=None):
   """Coordinate-wise median over the slots where ``mask`` is true (0 when none is)."""
   del weights, state, key

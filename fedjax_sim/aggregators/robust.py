@@ -17,7 +17,8 @@ from jax import lax
 
 from fedjax_sim._checks import positive_float, positive_int
 from fedjax_sim.aggregators._base import Aggregator
-from fedjax_sim.aggregators.median import from_sortable_keys, kth_smallest_keys, sortable_keys
+from fedjax_sim.aggregators.median import (count_pair, from_sortable_keys, kth_smallest_keys,
+                                           kth_smallest_keys_pair, sortable_keys)
 
 
 def _column(mask, a):
@@ -52,18 +53,16 @@ def masked_trimmed_mean(updates, mask, beta: float):
 
   def one(a):
     keys = sortable_keys(a.reshape(a.shape[0], -1))
-    lo = kth_smallest_keys(keys, mask, trim)
-    hi = kth_smallest_keys(keys, mask, count - 1 - trim)
+    # both order statistics in one radix selection (one read of the keys per pass, not two)
+    lo, hi = kth_smallest_keys_pair(keys, mask, trim, count - 1 - trim)
     valid = mask[:, None]
     values = a.reshape(a.shape[0], -1).astype(jnp.float32)
     inside = valid & (keys > lo[None]) & (keys < hi[None])
     total = jnp.sum(jnp.where(inside, values, 0.0), axis=0)
-    below_lo = jnp.sum(valid & (keys < lo[None]), axis=0)
-    at_lo = jnp.sum(valid & (keys == lo[None]), axis=0)
-    below_hi = jnp.sum(valid & (keys < hi[None]), axis=0)
+    at_or_below_lo, below_hi = count_pair(valid, keys <= lo[None], keys < hi[None])
     lo_v, hi_v = from_sortable_keys(lo), from_sortable_keys(hi)
     # kept ranks are trim … count − 1 − trim: the copies of lo and hi inside that range
-    lo_copies = below_lo + at_lo - trim
+    lo_copies = at_or_below_lo - trim
     hi_copies = count - trim - below_hi
     total = jnp.where(lo == hi, kept * lo_v, total + lo_copies * lo_v + hi_copies * hi_v)
     out = jnp.where(count > 0, total / kept, 0.0)

@@ -527,9 +527,10 @@ def run_one(m: Mutation, timeout: int) -> tuple[str, float, str]:
       return "broken", 0.0, f"the mutant is not what imports: {where.stdout or where.stderr}"
     start = time.perf_counter()
     try:
-      out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-                            *m.tests], cwd=tmp, env=env, capture_output=True, text=True,
-                           timeout=timeout)
+      # -n 0: one process (the suite's default of two xdist workers would only add start-up)
+      out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-n", "0", "-p",
+                            "no:cacheprovider", *m.tests], cwd=tmp, env=env, capture_output=True,
+                           text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
       return "timeout", time.perf_counter() - start, ""
     seconds = time.perf_counter() - start

@@ -380,7 +380,7 @@ MUTATIONS = [
       (f"{T_ROBUST}::test_geometric_median_reaches_the_minimum",),
       "RFA's weights ignored"),
     M("cclip_forgets", "robust", AGG + "robust.py",
-      "return aggregate, _flat(jax.tree.map(lambda a: a[None], aggregate))[0, :state.shape[0]]",
+      "return aggregate, last[:state.shape[0]]",
       "return aggregate, state",
       (f"{T_ROBUST}::test_centered_clip_is_the_numpy_iteration_and_remembers_the_last_aggregate",),
       "centered clipping restarts from zero every round"),

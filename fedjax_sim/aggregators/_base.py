@@ -148,6 +148,23 @@ def tree_norm(tree) -> jax.Array:
   return jnp.sqrt(sum(jnp.sum(jnp.square(a.astype(jnp.float32))) for a in jax.tree.leaves(tree)))
 
 
+def flat_updates(updates) -> jax.Array:
+  """``[slots, D]``: each slot's whole update (leading axis) as one float32 vector."""
+  return jnp.concatenate([a.reshape(a.shape[0], -1).astype(jnp.float32)
+                          for a in jax.tree.leaves(updates)], axis=1)
+
+
+def unflat_update(updates, flat_one):
+  """A flat ``[D]`` vector back into one update shaped like a slot of ``updates``."""
+  leaves, treedef = jax.tree.flatten(updates)
+  out, start = [], 0
+  for a in leaves:
+    size = a[0].size
+    out.append(flat_one[start:start + size].reshape(a.shape[1:]).astype(a.dtype))
+    start += size
+  return jax.tree.unflatten(treedef, out)
+
+
 def weighted_sums(updates, weights, mask) -> StreamSums:
   """The stream reduction of stacked updates (leading axis = clients)."""
   w = jnp.where(mask, weights.astype(jnp.float32), 0.0)

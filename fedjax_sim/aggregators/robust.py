@@ -16,30 +16,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from fedjax_sim._checks import positive_float, positive_int
-from fedjax_sim.aggregators._base import Aggregator
+from fedjax_sim.aggregators._base import Aggregator, flat_updates, unflat_update
 from fedjax_sim.aggregators.median import (count_pair, from_sortable_keys, kth_smallest_keys,
                                            kth_smallest_keys_pair, sortable_keys)
-
-
-def _column(mask, a):
-  return mask.reshape(-1, *([1] * (a.ndim - 1)))
-
-
-def _flat(updates) -> jax.Array:
-  """``[slots, D]``: each slot's whole update as one float32 vector."""
-  leaves = jax.tree.leaves(updates)
-  return jnp.concatenate([a.reshape(a.shape[0], -1).astype(jnp.float32) for a in leaves], axis=1)
-
-
-def _unflat(updates, flat_one):
-  """A flat ``[D]`` vector back into one update shaped like a slot of ``updates``."""
-  leaves, treedef = jax.tree.flatten(updates)
-  out, start = [], 0
-  for a in leaves:
-    size = a[0].size
-    out.append(flat_one[start:start + size].reshape(a.shape[1:]).astype(a.dtype))
-    start += size
-  return jax.tree.unflatten(treedef, out)
 
 
 # --- trimmed mean -------------------------------------------------------------------------------
@@ -132,13 +111,13 @@ def krum(num_byzantine: int, num_selected: int = 1) -> Aggregator:
 
   def reduce(updates, weights, mask, state, *, key):
     del weights, state, key
-    flat = _flat(updates)
+    flat = flat_updates(updates)
     scores = krum_scores(flat, mask, num_byzantine)
     _, best = lax.top_k(-scores, num_selected)
     chosen = jnp.isfinite(scores[best])
     mean = jnp.sum(jnp.where(chosen[:, None], flat[best], 0.0), axis=0) / jnp.maximum(
         jnp.sum(chosen), 1)
-    return _unflat(updates, mean)
+    return unflat_update(updates, mean)
 
   def setup(info, hparams):
     del hparams
@@ -197,7 +176,8 @@ def geometric_median(max_iter: int = 100, eps: float = 1e-6, nu: float = 1e-6) -
 
   def reduce(updates, weights, mask, state, *, key):
     del state, key
-    return _unflat(updates, weiszfeld(_flat(updates), weights, mask, max_iter, eps, nu))
+    flat = flat_updates(updates)
+    return unflat_update(updates, weiszfeld(flat, weights, mask, max_iter, eps, nu))
   return Aggregator(name="geometric_median", reduction="collect", reduce=reduce)
 
 
@@ -220,7 +200,7 @@ def centered_clip(tau: float, iters: int = 1) -> Aggregator:
 
   def reduce(updates, weights, mask, state, *, key):
     del weights, key
-    flat = _flat(updates)
+    flat = flat_updates(updates)
     valid = mask.astype(jnp.float32)
     count = jnp.maximum(jnp.sum(valid), 1.0)
 
@@ -229,10 +209,11 @@ def centered_clip(tau: float, iters: int = 1) -> Aggregator:
       scale = jnp.minimum(1.0, tau / jnp.maximum(jnp.linalg.norm(diff, axis=1), 1e-30))
       return v + (valid * scale) @ diff / count
     start = jnp.concatenate([state, jnp.zeros(flat.shape[1] - state.shape[0], jnp.float32)])
-    return _unflat(updates, lax.fori_loop(0, iters, step, start))
+    return unflat_update(updates, lax.fori_loop(0, iters, step, start))
 
   def server(aggregate, state, *, key):
     del key
-    return aggregate, _flat(jax.tree.map(lambda a: a[None], aggregate))[0, :state.shape[0]]
+    last = flat_updates(jax.tree.map(lambda a: a[None], aggregate))[0]
+    return aggregate, last[:state.shape[0]]
   return Aggregator(name="centered_clip", reduction="collect", init=init, reduce=reduce,
                     server=server)

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from fedjax_sim._checks import positive_int
-from fedjax_sim.aggregators._base import Aggregator
+from fedjax_sim.aggregators._base import Aggregator, flat_updates, unflat_update
 
 _U32 = jnp.uint32
 
@@ -127,16 +127,11 @@ def secure_mean(bits: int = 32, frac_bits: int = 16, neighbors: int | None = Non
 
   def reduce(updates, weights, mask, state, *, key):
     del weights, state
-    leaves, treedef = jax.tree.flatten(updates)
-    flat = jnp.concatenate([a.reshape(a.shape[0], -1).astype(jnp.float32) for a in leaves], 1)
+    flat = flat_updates(updates)
     masked, saturated = masked_updates(flat, key, bits, frac_bits, neighbors)
     field_sum = unmask_sum(masked, mask, key, bits, neighbors)  # the server sees `masked` only
     mean = decode(field_sum, bits, frac_bits) / jnp.maximum(jnp.sum(mask), 1)
-    out, start = [], 0
-    for a in leaves:
-      out.append(mean[start:start + a[0].size].reshape(a.shape[1:]).astype(a.dtype))
-      start += a[0].size
-    result = jax.tree.unflatten(treedef, out)
+    result = unflat_update(updates, mean)
     result[_SATURATED] = saturated.astype(jnp.float32)
     return result
 

@@ -146,12 +146,25 @@ class ClientJob(NamedTuple):
     num_steps: local steps this client takes this round (``E·⌈n/B⌉``, ``H``, fewer for a straggler).
     orders: ``[num_epochs, max_examples]`` example order per epoch (see :func:`epoch_orders`).
     label_map: ``[num_classes]``, the label each class is trained as (data poisoning), or ``None``.
+    key: the key of a model's training-mode randomness (dropout; step ``t`` uses
+      ``fold_in(key, t)``), or ``None`` for models without any (see :func:`step_key_of`).
   """
   offset: jax.Array
   num_examples: jax.Array
   num_steps: jax.Array
   orders: jax.Array
   label_map: jax.Array | None = None
+  key: jax.Array | None = None
+
+
+# ``fold_in(client key, DROPOUT_STREAM)`` is a client's dropout key; its epoch orders fold in the
+# epoch numbers 0, 1, ..., which never reach this value.
+DROPOUT_STREAM = 1 << 30
+
+
+def step_key_of(client_key: jax.Array) -> jax.Array:
+  """The key whose ``fold_in(., t)`` drives local step ``t``'s dropout."""
+  return jax.random.fold_in(client_key, DROPOUT_STREAM)
 
 
 def local_step(model, algo: Algorithm, shape: BucketShape, x_all: jax.Array, y_all: jax.Array,
@@ -186,10 +199,15 @@ def local_step(model, algo: Algorithm, shape: BucketShape, x_all: jax.Array, y_a
   x, y = x_all[rows], y_all[rows]
   if job.label_map is not None:
     y = job.label_map[y]
-  if hooks.local_loss is None:
-    grads = jax.grad(model.loss)(w, x, y, real)
-  else:
+  updated = {}
+  if hooks.local_loss is not None:
     grads = jax.grad(lambda p: hooks.local_loss(model, p, (x, y, real), context))(w)
+  elif model.train_apply is not None:
+    grads, updated = jax.grad(lambda p: model.train_loss(p, x, y, real,
+                                                         key=jax.random.fold_in(job.key, t)),
+                              has_aux=True)(w)
+  else:
+    grads = jax.grad(model.loss)(w, x, y, real)
   if hooks.gradient is not None:
     grads = hooks.gradient(grads, w, context)
   updates, new_opt_state = algo.client_optimizer.update(grads, opt_state, w)
@@ -197,6 +215,9 @@ def local_step(model, algo: Algorithm, shape: BucketShape, x_all: jax.Array, y_a
     scale = hooks.update_scale(context.round)
     updates = jax.tree.map(lambda u: (u * scale).astype(u.dtype), updates)
   new_w = optax.apply_updates(w, updates)
+  if updated:  # batch statistics: the forward pass's, whatever the optimizer did to them
+    new_w = {**new_w, **{c: jax.tree.map(lambda a, b: a.astype(b.dtype), v, w[c])
+                         for c, v in updated.items()}}
   if shape.equal_steps:
     return new_w, new_opt_state
   keep = lambda new, old: jnp.where(active, new, old)

@@ -40,6 +40,15 @@ class Model(NamedTuple):
     loss_fn: optional ``fn(outputs, y) -> [batch]`` per-example loss replacing the task's.
     represent: optional ``fn(params, x) -> [batch, dim]`` representation (e.g. a projection head)
       for representation-level objectives such as MOON's; default the outputs.
+    train_apply: optional training-mode forward pass ``fn(params, x, *, key, mask) -> (outputs,
+      updated)`` for models whose training differs from evaluation (dropout, batch
+      normalization): ``key`` drives dropout, ``mask`` (``[batch]``) marks the batch's real
+      examples (padding must not enter batch statistics), and ``updated`` maps each
+      non-trainable collection of ``state_collections`` to its new value (batch statistics).
+      ``None``: ``apply`` trains.
+    state_collections: top-level keys of ``params`` that are not trained by gradients but
+      replaced by ``train_apply``'s ``updated`` (e.g. ``("batch_stats",)``); ``params`` is then a
+      dict of collections (``{"params": ..., "batch_stats": ...}``).
   """
   init: Callable[[jax.Array], Params]
   apply: Callable[[Params, jax.Array], jax.Array]
@@ -47,6 +56,8 @@ class Model(NamedTuple):
   name: str = "model"
   loss_fn: Callable | None = None
   represent: Callable | None = None
+  train_apply: Callable | None = None
+  state_collections: tuple = ()
 
   def per_example_loss(self, params: Params, x: jax.Array, y: jax.Array) -> jax.Array:
     """Loss of each example, shape ``[batch]``."""
@@ -54,6 +65,23 @@ class Model(NamedTuple):
     if self.loss_fn is not None:
       return self.loss_fn(out, y)
     return loss_from_outputs(self.task, out, y)
+
+  def train_loss(self, params: Params, x: jax.Array, y: jax.Array, mask: jax.Array, *,
+                 key: jax.Array):
+    """``(mean loss over the real examples, updated collections)`` of a training-mode forward
+    pass (:attr:`train_apply`; the plain loss and ``{}`` for a model without one)."""
+    if self.train_apply is None:
+      return self.loss(params, x, y, mask), {}
+    out, updated = self.train_apply(params, x, key=key, mask=mask)
+    losses = self.loss_fn(out, y) if self.loss_fn is not None else loss_from_outputs(
+        self.task, out, y)
+    mask = mask.astype(losses.dtype)
+    return jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1.0), updated
+
+  @property
+  def stochastic(self) -> bool:
+    """Training differs from evaluation (dropout or batch statistics)."""
+    return self.train_apply is not None
 
   def representation(self, params: Params, x: jax.Array) -> jax.Array:
     """``represent(params, x)``, or the outputs when the model has no representation function."""
@@ -114,20 +142,96 @@ def from_functions(init: Callable, apply: Callable, task: str, name: str = "cust
   return Model(init, apply, _check_task(task), name, loss, represent)
 
 
+# ``__call__`` arguments that switch a linen module between training and evaluation, with the
+# value each takes in training.
+TRAIN_ARGS = {"train": True, "training": True, "deterministic": False}
+STATE_COLLECTIONS = ("batch_stats",)
+
+
+def _train_arg(module) -> str | None:
+  import inspect
+  params = inspect.signature(type(module).__call__).parameters
+  found = [a for a in TRAIN_ARGS if a in params]
+  return found[0] if found else None
+
+
+def _batch_norm_mask(mask: jax.Array):
+  """A linen method interceptor that gives every ``BatchNorm`` the batch's ``mask`` (``[batch]``,
+  broadcast over the other axes), so that padding rows never enter batch statistics."""
+  import flax.linen as nn
+  def interceptor(next_fun, args, kwargs, context):
+    if isinstance(context.module, nn.BatchNorm) and context.method_name == "__call__":
+      x = args[0]
+      kwargs = {**kwargs, "mask": jnp.broadcast_to(mask.reshape(-1, *[1] * (x.ndim - 1)), x.shape)}
+    return next_fun(*args, **kwargs)
+  return interceptor
+
+
 def from_linen(module, example_x, task: str, name: str | None = None) -> Model:
   """Adapts a ``flax.linen`` module: params are ``module.init(key, x)["params"]``.
+
+  Dropout and batch normalization: if ``module.__call__`` takes a ``train`` (or ``training``, or
+  ``deterministic``) argument, evaluation calls it in evaluation mode and local training in
+  training mode, with a fresh ``"dropout"`` key for every local step (drawn from the client's
+  key). A module with batch statistics then has params ``{"params": ..., "batch_stats": ...}``:
+  each training step replaces the statistics by the ones its forward pass computed (no gradient
+  step touches them), and the server averages them with the cohort's weights (see
+  :func:`fedjax_sim.simulate`'s ``local_params`` to keep them on each client instead, FedBN).
 
   Args:
     module: the linen module; ``module.apply({"params": p}, x)`` must return the outputs.
     example_x: one batch of inputs (any batch size) used to trace the parameter shapes.
     task: ``"regression"``, ``"binary"`` or ``"multiclass"``.
+
+  Raises:
+    ValueError: the module fails on ``example_x``, or holds randomness or state it cannot be
+      trained with (dropout or batch statistics without a train argument, a mutable collection
+      other than ``batch_stats``), naming what is unsupported.
   """
+  import flax.linen as nn
   example_x = jnp.asarray(example_x)
+  name = name or type(module).__name__
+  arg = _train_arg(module)
+  mode = lambda train: {} if arg is None else {arg: train == TRAIN_ARGS[arg]}
+  try:
+    shapes = jax.eval_shape(lambda k: module.init(k, example_x, **mode(False)), jax.random.key(0))
+  except Exception as e:  # flax's own message says what failed (e.g. Dropout's deterministic)
+    hint = ("" if arg is not None else
+            "; a module with Dropout or BatchNorm must take a `train` argument in __call__ that "
+            "switches them (nn.Dropout(rate, deterministic=not train), "
+            "nn.BatchNorm(use_running_average=not train))")
+    raise ValueError(f"from_linen: module {name!r} fails on example_x of shape "
+                     f"{tuple(example_x.shape)}: {e}{hint}") from None
+  collections = tuple(c for c in shapes if c != "params")
+  unsupported = [c for c in collections if c not in STATE_COLLECTIONS]
+  if unsupported:
+    raise ValueError(f"from_linen: module {name!r} has mutable collection(s) {unsupported}; only "
+                     f"{list(STATE_COLLECTIONS)} (batch normalization) can be trained")
+  if collections and arg is None:
+    raise ValueError(f"from_linen: module {name!r} has batch statistics but its __call__ takes "
+                     f"no `train` argument to switch them between training and evaluation")
+  if arg is None:
+    return Model(lambda key: module.init(key, example_x)["params"],
+                 lambda params, x: module.apply({"params": params}, x), _check_task(task), name)
+  variables = (lambda p: p) if collections else (lambda p: {"params": p})
   def init(key):
-    return module.init(key, example_x)["params"]
+    out = module.init(key, example_x, **mode(False))
+    return dict(out) if collections else out["params"]
   def apply(params, x):
-    return module.apply({"params": params}, x)
-  return Model(init, apply, _check_task(task), name or type(module).__name__)
+    return module.apply(variables(params), x, **mode(False))
+  def train_apply(params, x, *, key, mask=None):
+    def call():
+      if not collections:
+        return module.apply(variables(params), x, **mode(True), rngs={"dropout": key}), {}
+      out, updated = module.apply(variables(params), x, **mode(True), rngs={"dropout": key},
+                                  mutable=list(collections))
+      return out, dict(updated)
+    if mask is None:
+      return call()
+    with nn.intercept_methods(_batch_norm_mask(mask)):
+      return call()
+  return Model(init, apply, _check_task(task), name, train_apply=train_apply,
+               state_collections=collections)
 
 
 def from_nnx(make_module: Callable, task: str, name: str | None = None) -> Model:
@@ -138,6 +242,12 @@ def from_nnx(make_module: Callable, task: str, name: str | None = None) -> Model
   """
   from flax import nnx
   graphdef, abstract_state = nnx.split(nnx.eval_shape(lambda: make_module(nnx.Rngs(0))))
+  other = sorted({type(v).__name__ for _, v in nnx.to_flat_state(abstract_state)
+                  if not isinstance(v, nnx.Param)})
+  if other:
+    raise ValueError(f"from_nnx: the module holds state other than nnx.Param ({', '.join(other)}: "
+                     "dropout or batch normalization), which from_nnx cannot train; write the "
+                     "model with flax.linen and a `train` argument, and use from_linen")
   def init(key):
     _, state = nnx.split(make_module(nnx.Rngs(key)))
     return nnx.to_pure_dict(state)

@@ -202,6 +202,10 @@ def check_arguments(algorithm, model, train, test=None, rounds=1, clients_per_ro
     raise ValueError(f"train must be a FederatedData, got {type(train).__name__}")
   if test is not None and not isinstance(test, FederatedData):
     raise ValueError(f"test must be a FederatedData or None, got {type(test).__name__}")
+  if algorithm.hooks.local_loss is not None and model.stochastic:
+    raise ValueError(f"algorithm {algorithm.name!r} defines its own local loss, which does not run "
+                     f"model {model.name!r}'s training mode (dropout, batch statistics); use a "
+                     "model without them")
   if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
     raise ValueError(f"seed must be an integer, got {seed!r}")
   rounds = positive_int("rounds", rounds)

@@ -131,3 +131,112 @@ def test_init_params_of_the_wrong_shape_are_named():
                 init_params={"kernel": np.zeros((4, 2)), "bias": np.zeros(3)})
   with pytest.raises(ValueError, match="structure"):
     fs.simulate(algo, model, fd, rounds=1, init_params={"kernel": np.zeros((4, 3))})
+
+
+class _DropoutBN:
+  """A linen MLP with batch normalization and dropout, switched by ``train``."""
+
+  @staticmethod
+  def module():
+    import flax.linen as nn
+
+    class Net(nn.Module):
+      @nn.compact
+      def __call__(self, x, train: bool = False):
+        x = nn.BatchNorm(use_running_average=not train, momentum=0.5)(nn.Dense(8)(x))
+        return nn.Dense(3)(nn.Dropout(0.5, deterministic=not train)(nn.relu(x)))
+    return Net()
+
+
+def test_dropout_and_batch_norm_replay_one_round():
+  """Each client's step uses dropout key fold_in(step_key_of(client key), t) and keeps the
+  statistics of its forward pass; the server averages the statistics (weights n_k) without the
+  server optimizer, which scales the trained parameters' mean delta by 0.5."""
+  import optax
+  from fedjax_sim import client as client_lib
+  from tests.helpers import assert_close, classification_clients, round_keys
+  sizes = [6, 9, 4, 7]
+  xs, ys = classification_clients(sizes, seed=3)
+  data = fs.FederatedData.from_arrays(xs, ys)
+  module = _DropoutBN.module()
+  model = fs.models.from_linen(module, xs[0], "multiclass")
+  assert model.state_collections == ("batch_stats",) and model.stochastic
+  lr = 0.3
+  algo = fs.algorithms.fedavg(client_lr=lr, batch_size=None, local_epochs=1, shuffle=False,
+                              server_optimizer=optax.sgd(0.5))
+  result = fs.simulate(algo, model, data, rounds=1, seed=5, clients_per_round=4)
+  w0 = model.init(jax.random.fold_in(jax.random.key(5), 0))
+
+  @jax.jit
+  def client_step(x, y, mask, key):
+    return jax.grad(lambda p: model.train_loss(p, x, y, mask, key=key), has_aux=True)(w0)
+
+  def client(k, stream):  # the engine pads each full batch to 9 rows with copies of row 0
+    key = jax.random.fold_in(client_lib.step_key_of(
+        jax.random.fold_in(round_keys(5, 1).clients, k)), stream)
+    pad = lambda a: np.concatenate([a, np.repeat(a[:1], 9 - len(a), axis=0)])
+    grads, stats = client_step(pad(xs[k]), pad(ys[k]), np.arange(9) < sizes[k], key)
+    return {"params": jax.tree.map(lambda w, g: w - lr * g, w0["params"], grads["params"]),
+            **stats}
+
+  def server(stream):
+    clients = [client(k, stream) for k in range(4)]
+    p = np.asarray(sizes, np.float32) / sum(sizes)
+    mean = jax.tree.map(lambda *c: sum(pk * ck for pk, ck in zip(p, c)), *clients)
+    return {"params": jax.tree.map(lambda w, m: w + 0.5 * (m - w), w0["params"], mean["params"]),
+            "batch_stats": mean["batch_stats"]}
+
+  assert_close(result.params, server(0), rtol=1e-5, atol=1e-6)
+  moved = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))),
+                       server(0)["params"], server(1)["params"])
+  assert max(jax.tree.leaves(moved)) > 1e-3  # another dropout key gives other params
+  # Padding never enters the batch statistics: a padded, masked batch has the statistics of the
+  # client's own examples.
+  key = jax.random.key(0)
+  padded = np.concatenate([xs[2], np.repeat(xs[2][:1], 5, axis=0)])
+  assert_close(model.train_apply(w0, padded, key=key, mask=np.arange(9) < 4)[1],
+               model.train_apply(w0, xs[2], key=key)[1], rtol=1e-5, atol=1e-7)
+  # Evaluation is deterministic and uses the running statistics.
+  out = model.apply(result.params, xs[0])
+  np.testing.assert_allclose(out, module.apply(result.params, xs[0], train=False), rtol=1e-6)
+
+
+def test_flax_models_that_cannot_train_are_named():
+  import flax.linen as nn
+  from flax import nnx
+
+  class NoTrainDropout(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dropout(0.5)(nn.Dense(3)(x))
+
+  class NoTrainBN(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.BatchNorm(use_running_average=True)(nn.Dense(3)(x))
+
+  class Counts(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+      self.variable("counter", "calls", lambda: jnp.zeros((), jnp.int32))
+      return nn.Dense(3)(x)
+
+  class NnxDropout(nnx.Module):
+    def __init__(self, rngs):
+      self.dense, self.drop = nnx.Linear(5, 3, rngs=rngs), nnx.Dropout(0.5, rngs=rngs)
+    def __call__(self, x):
+      return self.drop(self.dense(x))
+
+  x = np.zeros((2, 5), np.float32)
+  with pytest.raises(ValueError, match="NoTrainDropout.*deterministic.*`train` argument"):
+    fs.models.from_linen(NoTrainDropout(), x, "multiclass")
+  with pytest.raises(ValueError, match="NoTrainBN.*batch statistics.*no `train` argument"):
+    fs.models.from_linen(NoTrainBN(), x, "multiclass")
+  with pytest.raises(ValueError, match=r"Counts.*\['counter'\]"):
+    fs.models.from_linen(Counts(), x, "multiclass")
+  with pytest.raises(ValueError, match="from_nnx.*RngKey.*from_linen"):
+    fs.models.from_nnx(NnxDropout, "multiclass")
+  model = fs.models.from_linen(_DropoutBN.module(), x, "multiclass")
+  data = fs.FederatedData.from_arrays([x, x], [np.zeros(2, np.int32)] * 2)
+  with pytest.raises(ValueError, match="'moon' defines its own local loss"):
+    fs.simulate(fs.algorithms.moon(), model, data, rounds=1)

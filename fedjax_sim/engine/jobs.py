@@ -55,5 +55,7 @@ def client_jobs(spec, d, s: Slots, plan_r, shape: client_lib.BucketShape) -> cli
     honest = jnp.arange(classes, dtype=jnp.int32)
     label_map = jnp.where(flat(s.attacker)[:, None], spec.attack.label_map(classes)[None],
                           honest[None])
-  job = client_lib.ClientJob(d.offsets[ids_f], n, jnp.where(n > 0, steps, 0), orders, label_map)
+  step_keys = jax.vmap(client_lib.step_key_of)(keys) if spec.model.stochastic else None
+  job = client_lib.ClientJob(d.offsets[ids_f], n, jnp.where(n > 0, steps, 0), orders, label_map,
+                             step_keys)
   return jax.tree.map(lambda a: a.reshape(*s.ids.shape, *a.shape[1:]), job)

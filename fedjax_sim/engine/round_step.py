@@ -306,7 +306,11 @@ def server_step(spec, state: ServerState, sums: RoundSums, collected: Collected 
     delta, extra = algo.hooks.server_update(summary, hp, state.extra)
   pseudo_grad = jax.tree.map(lambda g, p: (-g).astype(p.dtype), delta, state.params)
   updates, opt_state = algo.server_optimizer.update(pseudo_grad, state.opt_state, state.params)
-  new = (optax.apply_updates(state.params, updates), opt_state, extra, agg_state)
+  new_params = optax.apply_updates(state.params, updates)
+  if spec.model.state_collections:  # batch statistics: the aggregate, not an optimizer step
+    new_params = {**new_params, **{c: jax.tree.map(jnp.add, state.params[c], aggregate["delta"][c])
+                                   for c in spec.model.state_collections}}
+  new = (new_params, opt_state, extra, agg_state)
   params, opt_state, extra, agg_state = jax.tree.map(
       lambda a, b: jnp.where(sums.count > 0, a, b), new,
       (state.params, state.opt_state, state.extra, state.aggregator))

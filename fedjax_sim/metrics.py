@@ -11,15 +11,19 @@ import numpy as np
 from jax import lax
 
 from fedjax_sim import client as client_lib
+from fedjax_sim import personal
 from fedjax_sim.models import Model, correct_from_outputs, loss_from_outputs
 
 EVAL_BATCH = 4096
 
 
 def dataset_evaluator(model: Model, total: int, prefix: str, unroll: bool = False,
-                      num_clients: int | None = None):
-  """``fn(params, (x, y, client_of_row, count)) -> metrics`` over the first ``count ≤ total`` flat
-  examples (``total`` is the static row count; see :func:`eval_arrays`).
+                      num_clients: int | None = None, local: tuple | None = None):
+  """``fn(params, (x, y, client_of_row, count), local_clients=None) -> metrics`` over the first
+  ``count ≤ total`` flat examples (``total`` is the static row count; see :func:`eval_arrays`).
+
+  With ``local`` (the mask of a model's local leaves, :mod:`fedjax_sim.personal`), each example is
+  scored by its client's own model: ``params`` with that client's row of ``local_clients``.
 
   Metrics: ``{prefix}_loss`` and ``{prefix}_accuracy``, example-weighted (which equals the mean
   over the flat example array). For classifiers with ``num_clients``, also the fairness of the
@@ -31,13 +35,18 @@ def dataset_evaluator(model: Model, total: int, prefix: str, unroll: bool = Fals
   num_batches = -(-total // batch)
   per_client = model.is_classifier and num_clients is not None
 
-  def evaluate(params, arrays):
+  def evaluate(params, arrays, local_clients=None):
     x, y, client_of_row, count = arrays
     def body(acc, i):
       rows = i * batch + jnp.arange(batch)
       real = (rows < count).astype(jnp.float32)
       rows = jnp.minimum(rows, total - 1)
-      out = model.apply(params, x[rows])
+      if local is None:
+        out = model.apply(params, x[rows])
+      else:  # padding rows belong to client num_clients: any client's model, never counted
+        owners = jnp.minimum(client_of_row[rows], num_clients - 1)
+        out = personal.personalized_apply(model.apply, params, [a[owners] for a in local_clients],
+                                          local, x[rows])
       loss = jnp.sum(loss_from_outputs(model.task, out, y[rows]) * real)
       if not model.is_classifier:
         return (acc[0] + loss, acc[1], acc[2]), None

@@ -16,7 +16,7 @@ from fedjax_sim import aggregators as aggregators_lib
 from fedjax_sim import attacks as attacks_lib
 from fedjax_sim import metrics as metrics_lib
 from fedjax_sim import engine as engine_lib
-from fedjax_sim import privacy, systems
+from fedjax_sim import personal, privacy, systems
 from fedjax_sim._checks import positive_int
 from fedjax_sim.algorithms import Algorithm
 from fedjax_sim.data import DataError, FederatedData
@@ -89,6 +89,26 @@ def check_attack(attack, model: Model, params, train: FederatedData):
                              jax.dtypes.canonicalize_dtype(train.x.dtype))
     classes = int(jax.eval_shape(model.apply, params, x).shape[-1])
   return attacks_lib.check(attack, train.num_clients, classes)
+
+
+def check_local_params(local_params, algorithm: Algorithm, params, train: FederatedData,
+                       test: FederatedData | None, dissimilarity: bool):
+  """The mask of the local leaves (:func:`fedjax_sim.personal.local_mask`), checked against
+  what can run with them."""
+  local = personal.local_mask(params, local_params)
+  if local is None:
+    return None
+  if algorithm.hooks.client_result is not None:
+    raise ValueError(f"local_params cannot be used with algorithm {algorithm.name!r}: its "
+                     "per-client message and state are defined on the whole model")
+  if dissimilarity:
+    raise ValueError("dissimilarity measures the global model's gradients, which local_params "
+                     "leaves undefined; turn one of them off")
+  if test is not None and test.num_clients != train.num_clients:
+    raise ValueError(f"with local_params, evaluation is per client: test must hold a held-out "
+                     f"split of each training client, but it has {test.num_clients} clients "
+                     f"and train has {train.num_clients}")
+  return local
 
 
 def _check_init_params(params, expected, model_name: str) -> None:
@@ -253,6 +273,13 @@ def derived_columns(engine, params, epsilon, cohort_size: int):
   agg = engine.spec.aggregator
   template = jax.eval_shape(lambda p: engine_lib.round_step.update_template(engine.spec, p),
                             params)
+  local = engine.spec.local
+  if local is not None:  # local parameters never travel
+    nothing = lambda tree: [jax.ShapeDtypeStruct((0,), a.dtype)
+                            for a in personal.split(tree, local)]
+    template = {**template, "delta": personal.merge(template["delta"],
+                                                    nothing(template["delta"]), local)}
+    params = personal.merge(params, nothing(params), local)
   up = (agg.encoded_bytes or dense_bytes)(template)
   down = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(params))
 
@@ -285,7 +312,8 @@ def simulate(algorithm: Algorithm, model: Model, train: FederatedData, rounds: i
              rounds_per_block: int | None = None, bucketing: bool = True,
              system: systems.Heterogeneity | None = None, dissimilarity: bool = False,
              population: str = "device", aggregator=None, sampling: str = "fixed",
-             attack=None, callback: Callable[[list[dict]], None] | None = None) -> SimulationResult:
+             attack=None, local_params=None,
+             callback: Callable[[list[dict]], None] | None = None) -> SimulationResult:
   """Simulates ``rounds`` rounds of federated training.
 
   Args:
@@ -320,6 +348,11 @@ def simulate(algorithm: Algorithm, model: Model, train: FederatedData, rounds: i
       :mod:`fedjax_sim.engine.cohort`).
     attack: Byzantine clients (:mod:`fedjax_sim.attacks`, e.g. ``sign_flip(0.2, scale=4.0)``);
       ``history["attackers"]`` counts those each round sampled.
+    local_params: parameters that never leave the clients (:mod:`fedjax_sim.personal`):
+      ``"batch_norm"`` (FedBN), ``"batch_stats"``, glob patterns over the parameter paths
+      (``["params/Dense_1/*"]``, FedPer's personal layers) or a function of the path. Each
+      population client keeps its own copy on the device; evaluation is then personalized (each
+      example scored by its client's model), so ``test`` must split the training clients' data.
     callback: called after each block with the new history rows (dicts), e.g. to log them.
 
   Returns:
@@ -346,6 +379,7 @@ def simulate(algorithm: Algorithm, model: Model, train: FederatedData, rounds: i
   if test is not None:
     _check_labels(model, params, test, "test")
   attack = check_attack(attack, model, params, train)
+  local = check_local_params(local_params, algorithm, params, train, test, dissimilarity)
 
   backend = jax.default_backend()
   batch = algorithm.batch_size or int(train.num_examples.max())
@@ -354,14 +388,15 @@ def simulate(algorithm: Algorithm, model: Model, train: FederatedData, rounds: i
   eval_sets = {} if streaming else {"train": train}
   if test is not None:
     eval_sets["test"] = test
-  evaluate = evaluator(model, eval_sets, chosen.unroll)
+  evaluate = evaluator(model, eval_sets, chosen.unroll, local=local)
   eval_data = [metrics_lib.eval_arrays(d) for d in eval_sets.values()]
   engine = engine_lib.build_engine(model, algorithm, train, chosen, cohort_size,
                                   jax.random.fold_in(key, STREAM_TRAIN), evaluate, eval_data,
                                   bucketing, system,
                                   metrics_lib.gradient_dissimilarity(model)
                                   if dissimilarity else None, streaming=streaming,
-                                  aggregator=aggregator, sampling=how, attack=attack)
+                                  aggregator=aggregator, sampling=how, attack=attack,
+                                  local=local)
   columns = derived_columns(engine, params, epsilon_of(engine.spec.aggregator, how, cohort_size,
                                                        train.num_clients), cohort_size)
   dp = privacy_of(engine.spec.aggregator, how, cohort_size, train.num_clients)
@@ -416,14 +451,17 @@ def initial_params(model: Model, seed: int, init_params=None):
   return jax.tree.map(lambda a: jnp.array(a, copy=True), params)
 
 
-def evaluator(model: Model, eval_sets: dict, unroll: bool, rows: dict | None = None):
-  """``fn(params, [arrays per set]) -> metrics`` of every named evaluation set; ``rows[name]``
-  is a set's padded row count (default its own size)."""
+def evaluator(model: Model, eval_sets: dict, unroll: bool, rows: dict | None = None,
+              local: tuple | None = None):
+  """``fn(params, [arrays per set], local_clients) -> metrics`` of every named evaluation set;
+  ``rows[name]`` is a set's padded row count (default its own size); with ``local``, scored per
+  client (:func:`fedjax_sim.metrics.dataset_evaluator`)."""
   rows = rows or {}
   evaluators = [metrics_lib.dataset_evaluator(model, rows.get(name, d.total_examples), name,
-                                              unroll, d.num_clients)
+                                              unroll, d.num_clients, local)
                 for name, d in eval_sets.items()]
-  return lambda p, arrays: {k: v for ev, xy in zip(evaluators, arrays) for k, v in ev(p, xy).items()}
+  return lambda p, arrays, local_clients=None: {
+      k: v for ev, xy in zip(evaluators, arrays) for k, v in ev(p, xy, local_clients).items()}
 
 
 def blocks(rounds: int, block_len: int, eval_every: int):

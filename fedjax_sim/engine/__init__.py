@@ -50,7 +50,8 @@ def build_engine(model, algo: Algorithm, train, plan: Plan, cohort_size: int, tr
                  system: systems.Heterogeneity | None = None,
                  population_metrics: Callable | None = None, hparams: dict | None = None,
                  streaming: bool = False, aggregator=None, sampling: Sampling | None = None,
-                 aggregator_hparams: list | None = None, attack=None) -> Engine:
+                 aggregator_hparams: list | None = None, attack=None,
+                 local: tuple | None = None) -> Engine:
   """Builds the round for one (model, algorithm, aggregator, dataset, plan), or for a sweep.
 
   A sweep (``train`` a list of datasets with the same number of clients; ``train_key``,
@@ -63,7 +64,8 @@ def build_engine(model, algo: Algorithm, train, plan: Plan, cohort_size: int, tr
     plan: the execution :class:`Plan`.
     cohort_size: clients per round (for Poisson sampling, the slot capacity).
     train_key: the training randomness stream (``[runs]`` keys for a sweep).
-    evaluate: ``fn(params, eval_data) -> {name: scalar}``, the metrics of evaluated rounds.
+    evaluate: ``fn(params, eval_data, local_clients) -> {name: scalar}``, the metrics of
+      evaluated rounds (``local_clients``: the population's local parameters, or ``None``).
     eval_data: the arrays ``evaluate`` reads (passed to the compiled block as an argument).
     bucketing: group clients by size (``False``: one bucket padded to the largest client).
     system: stragglers and dropouts.
@@ -74,6 +76,8 @@ def build_engine(model, algo: Algorithm, train, plan: Plan, cohort_size: int, tr
     aggregator: a :class:`fedjax_sim.aggregators.Aggregator` (default ``mean()``).
     sampling: how cohorts are drawn (:class:`~fedjax_sim.engine.cohort.Sampling`; default
       fixed-size).
+    local: which leaves of the model stay on each client (:func:`fedjax_sim.personal.local_mask`),
+      or ``None``.
     aggregator_hparams: a sweep's per-run overrides of the aggregator's ``hparams`` (each run's
       aggregator state starts from its own values; the functions read them from the state).
     attack: Byzantine clients (:class:`fedjax_sim.attacks.Attack`, checked), or ``None``.
@@ -95,7 +99,8 @@ def build_engine(model, algo: Algorithm, train, plan: Plan, cohort_size: int, tr
   buckets, bucket_of, groups = make_buckets(sizes, algo, cohort_size, plan.chunk_size, bucketing,
                                             variable_steps=system.partial)
   spec = RoundSpec(model, algo, aggregator, buckets, num_clients, cohort_size, system, plan,
-                   client_lib.shuffle_method(int(np.max(sizes))), streaming, sampling, attack)
+                   client_lib.shuffle_method(int(np.max(sizes))), streaming, sampling, attack,
+                   local)
   hparams = {k: jnp.asarray(v, jnp.float32)
              for k, v in (algo.hparams if hparams is None else hparams).items()}
   if plan.name == "host_loop":

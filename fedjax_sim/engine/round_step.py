@@ -19,6 +19,7 @@ from jax import lax
 
 from fedjax_sim import attacks
 from fedjax_sim import client as client_lib
+from fedjax_sim import personal
 from fedjax_sim.aggregators import StreamSums, weighted_sums
 from fedjax_sim.algorithms import ClientContext, ClientOutput, RoundSummary
 
@@ -38,6 +39,8 @@ class ServerState(NamedTuple):
     aggregator: the aggregator's server-side state (``Aggregator.init``).
     aggregator_clients: the aggregator's per-client state for the whole population, leaves
       ``[num_clients, ...]`` (``Aggregator.init_client_state``), e.g. error-feedback residuals.
+    local_clients: each population client's local parameters (a list of ``[num_clients, ...]``
+      leaves, :mod:`fedjax_sim.personal`), or ``None``.
   """
   params: Any
   opt_state: Any
@@ -45,6 +48,7 @@ class ServerState(NamedTuple):
   client_states: Any = None
   aggregator: Any = None
   aggregator_clients: Any = None
+  local_clients: Any = None
 
 
 class RoundSums(NamedTuple):
@@ -74,7 +78,8 @@ class Collected(NamedTuple):
 
 class ChunkResult(NamedTuple):
   """One chunk's contribution: its sums, per-client updates and weights (collect aggregators
-  only), and the new per-client states ``(algorithm's, aggregator's)`` of its clients."""
+  only), and the new per-client states ``(algorithm's, aggregator's, local parameters)`` of its
+  clients."""
   sums: RoundSums
   updates: Any
   weights: Any
@@ -104,8 +109,20 @@ def zeros_of(fn, *args):
 # --- per-client states ----------------------------------------------------------------------
 
 def client_states_of(state: ServerState) -> tuple:
-  """The population's per-client states: ``(algorithm's, aggregator's)``."""
-  return state.client_states, state.aggregator_clients
+  """The population's per-client states: ``(algorithm's, aggregator's, local parameters)``."""
+  return state.client_states, state.aggregator_clients, state.local_clients
+
+
+def with_client_states(state: ServerState, states: tuple) -> ServerState:
+  """``state`` holding the per-client states ``states`` (as :func:`client_states_of` orders
+  them)."""
+  return state._replace(client_states=states[0], aggregator_clients=states[1],
+                        local_clients=states[2])
+
+
+def start_params(spec, state: ServerState, local_k):
+  """A client's starting model: the global one, with its own local parameters if any."""
+  return state.params if spec.local is None else personal.merge(state.params, local_k, spec.local)
 
 
 def gather_states(states: tuple, ids):
@@ -207,21 +224,23 @@ def chunk_contexts(spec, state: ServerState, hp, plan_r, job, algo_states):
 def finish_chunk(spec, d, state: ServerState, plan_r, shape, new_params, job, contexts,
                  chunk_states, ids, returns, attackers=None) -> ChunkResult:
   """Stages 3 (the algorithm's per-client result), 4 and 5 for a chunk of trained clients."""
-  def one(w, job_k, ctx, state_k, agg_state_k, gid, bad):
+  def one(w, job_k, ctx, state_k, agg_state_k, local_k, gid, bad):
     delta, message, new_state = client_end(spec, d, state.params, ctx, w, job_k, state_k, shape)
+    if spec.local is not None:  # local parameters stay on the client
+      delta, local_k = personal.zero_local(delta, spec.local), personal.split(w, spec.local)
     delta, message = attacked(spec, plan_r.keys, gid, delta, message, bad)
     update, new_agg_state = client_transform(spec, state, plan_r.keys, gid, delta, message,
                                              agg_state_k)
-    return delta, update, new_state, new_agg_state
+    return delta, update, new_state, new_agg_state, local_k
 
   bad = jnp.zeros_like(returns) if attackers is None else attackers
-  deltas, updates, new_states, new_agg = over_chunk(one)(new_params, job, contexts, *chunk_states,
-                                                         d.global_id(ids), bad)
+  deltas, updates, *new_states = over_chunk(one)(new_params, job, contexts, *chunk_states,
+                                                 d.global_id(ids), bad)
   weights = chunk_weights(spec, job.num_examples, returns)
   sums = reduce_chunk(spec, deltas, updates, weights, returns)
   keep = spec.collect
   return ChunkResult(sums, updates if keep else None, weights if keep else None,
-                     (new_states, new_agg))
+                     tuple(new_states))
 
 
 def train_chunk(spec, d, state: ServerState, hp, plan_r, job, ids, returns, chunk_states,
@@ -229,9 +248,9 @@ def train_chunk(spec, d, state: ServerState, hp, plan_r, job, ids, returns, chun
   """One chunk of clients trained in one program (stages 3–5 for the chunk)."""
   bound = jnp.max(job.num_steps)
   contexts = chunk_contexts(spec, state, hp, plan_r, job, chunk_states[0])
-  new_params = over_chunk(lambda job_k, ctx: client_lib.local_train(
-      spec.model, spec.algo, shape, state.params, d.x, d.y, job_k, ctx, bound,
-      spec.plan.unroll))(job, contexts)
+  new_params = over_chunk(lambda job_k, ctx, local_k: client_lib.local_train(
+      spec.model, spec.algo, shape, start_params(spec, state, local_k), d.x, d.y, job_k, ctx,
+      bound, spec.plan.unroll))(job, contexts, chunk_states[2])
   return finish_chunk(spec, d, state, plan_r, shape, new_params, job, contexts, chunk_states, ids,
                       returns, attackers)
 
@@ -253,7 +272,7 @@ def zero_update(spec, d, state: ServerState, hp, plan_r):
   def one_update():
     job = client_lib.ClientJob(jnp.int32(0), jnp.int32(1), jnp.int32(1),
                                jnp.zeros((shape.num_epochs, shape.max_examples), jnp.int32))
-    algo_state, agg_state = gather_states(client_states_of(state), jnp.int32(0))
+    algo_state, agg_state, _ = gather_states(client_states_of(state), jnp.int32(0))
     context = client_context(spec, state, plan_r.round, hp, algo_state)
     delta, message, _ = client_end(spec, d, state.params, context, state.params, job, algo_state,
                                    shape)
@@ -365,14 +384,18 @@ def init_state(spec, params) -> ServerState:
   update = update_template(spec, params)
   agg_clients = (None if agg.init_client_state is None
                  else population(agg.init_client_state(update)))
+  local = None if spec.local is None else population(personal.split(params, spec.local))
   return ServerState(params, algo.server_optimizer.init(params), extra, states, agg.init(update),
-                     agg_clients)
+                     agg_clients, local)
 
 
-def evaluated_metrics(spec, evaluate, population_metrics, params, d, eval_data, do_eval):
-  """The evaluation metrics of an evaluated round (NaN on other rounds)."""
+def evaluated_metrics(spec, evaluate, population_metrics, state: ServerState, d, eval_data,
+                      do_eval):
+  """The evaluation metrics of an evaluated round (NaN on other rounds); with local parameters,
+  each example is scored by its own client's model."""
+  params = state.params
   def compute():
-    metrics = dict(evaluate(params, eval_data))
+    metrics = dict(evaluate(params, eval_data, state.local_clients))
     if population_metrics is not None:
       metrics.update(population_metrics(params, d, spec.buckets))
     return metrics

@@ -41,6 +41,8 @@ class RoundSpec(NamedTuple):
     sampling: how cohorts are drawn (:class:`fedjax_sim.engine.cohort.Sampling`); for Poisson
       sampling ``cohort_size`` is the slot capacity.
     attack: Byzantine clients (:class:`fedjax_sim.attacks.Attack`) or ``None``.
+    local: which model leaves stay on each client (a mask in leaf order,
+      :mod:`fedjax_sim.personal`), or ``None``.
   """
   model: Any
   algo: Any
@@ -54,6 +56,7 @@ class RoundSpec(NamedTuple):
   streaming: bool = False
   sampling: Any = None
   attack: Any = None
+  local: tuple | None = None
 
   @property
   def poisson(self) -> bool:

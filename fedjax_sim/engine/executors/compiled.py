@@ -55,7 +55,7 @@ def device_round(spec, d: DeviceData, train_key, state: rs.ServerState, hp, r):
                                                 jax.tree.map(lambda a: a[0], chunks))
     else:
       (total, states, collected), _ = lax.scan(one_chunk, (total, states, collected), chunks)
-  state = state._replace(client_states=states[0], aggregator_clients=states[1])
+  state = rs.with_client_states(state, states)
   return rs.server_step(spec, state, total, collected, hp, plan_r)
 
 
@@ -73,8 +73,8 @@ def build(spec, data, train_key, evaluate, eval_data, population_metrics, hparam
       d_r = d if d_r is None else d_r  # streamed: this round's cohort data
       state, stats = lax.cond(act, lambda s: device_round(spec, d_r, key, s, hp, r),
                               lambda s: (s, no_stats), state)
-      metrics = rs.evaluated_metrics(spec, evaluate, population_metrics, state.params, d_r,
-                                     eval_data, act & ev)
+      metrics = rs.evaluated_metrics(spec, evaluate, population_metrics, state, d_r, eval_data,
+                                     act & ev)
       metrics.update(stats, finite=rs.finite(state.params))
       return state, metrics
     return lax.scan(body, state, (rounds, active, do_eval, round_data))

@@ -28,7 +28,10 @@ def build(spec, data, train_key, evaluate, eval_data, population_metrics, hparam
   def start(state, hp, plan_r, job, ids):
     chunk_states = rs.gather_states(rs.client_states_of(state), ids)
     contexts = rs.chunk_contexts(spec, state, hp, plan_r, job, chunk_states[0])
-    carry = rs.over_chunk(lambda _: (state.params, algo.client_optimizer.init(state.params)))(ids)
+    def begin(local_k):
+      params = rs.start_params(spec, state, local_k)
+      return params, algo.client_optimizer.init(params)
+    carry = rs.over_chunk(lambda _, local_k: begin(local_k))(ids, chunk_states[2])
     return carry, contexts, chunk_states
   start_j = jax.jit(start)
 
@@ -50,8 +53,8 @@ def build(spec, data, train_key, evaluate, eval_data, population_metrics, hparam
                                                  rs.zero_collected(spec, d, state, hp, plan_r)))
   server_j = jax.jit(lambda state, total, collected, hp, plan_r: rs.server_step(
       spec, state, total, collected, hp, plan_r))
-  eval_j = jax.jit(lambda p, d, e, ev: dict(rs.evaluated_metrics(
-      spec, evaluate, population_metrics, p, d, e, ev), finite=rs.finite(p)))
+  eval_j = jax.jit(lambda st, d, e, ev: dict(rs.evaluated_metrics(
+      spec, evaluate, population_metrics, st, d, e, ev), finite=rs.finite(st.params)))
   no_stats = rs.no_stats(spec)
   offsets = spec.slot_offsets
 
@@ -70,7 +73,7 @@ def build(spec, data, train_key, evaluate, eval_data, population_metrics, hparam
             if not returns_np[c].any():
               continue
             job = jax.tree.map(lambda a: a[c], jobs)
-            current = state._replace(client_states=states[0], aggregator_clients=states[1])
+            current = rs.with_client_states(state, states)
             carry, contexts, chunk_states = start_j(current, hparams, plan_r, job, s.ids[c])
             for t in range(int(steps_np[c].max())):
               carry = step_j(bucket.shape, data, carry, t, job, contexts)
@@ -78,9 +81,9 @@ def build(spec, data, train_key, evaluate, eval_data, population_metrics, hparam
                 total, states, collected, bucket.shape, offsets[b] + c * bucket.chunk, data,
                 state, plan_r, carry, job, contexts, chunk_states, s.ids[c], s.returns[c],
                 None if s.attacker is None else s.attacker[c])
-        state = state._replace(client_states=states[0], aggregator_clients=states[1])
+        state = rs.with_client_states(state, states)
         state, stats = server_j(state, total, collected, hparams, plan_r)
-      rows.append(dict(eval_j(state.params, data, eval_data, bool(act and ev)), **stats))
+      rows.append(dict(eval_j(state, data, eval_data, bool(act and ev)), **stats))
     return state, jax.tree.map(lambda *xs: jnp.stack(xs), *rows)
 
   return run_block, lambda params: rs.init_state(spec, params)

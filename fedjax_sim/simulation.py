@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import signal
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -13,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_sim import aggregators as aggregators_lib
+from fedjax_sim import checkpoint as checkpoint_lib
 from fedjax_sim import attacks as attacks_lib
 from fedjax_sim import metrics as metrics_lib
 from fedjax_sim import engine as engine_lib
@@ -34,6 +39,24 @@ class TrainingDiverged(RuntimeError):
                      "NaN/inf; lower client_lr (or the server learning rate)")
     self.round = round_num
     self.history = history
+
+
+class SimulationInterrupted(KeyboardInterrupt):
+  """Ctrl-C (SIGINT) stopped :func:`simulate` at a block boundary.
+
+  Attributes:
+    round: the last round that finished.
+    history: the metrics up to that round.
+    result: a :class:`SimulationResult` of the rounds run (its ``state`` continues the run with
+      ``simulate(..., init_state=result.state, start_round=round + 1)``).
+    checkpoint: the path of the checkpoint written at the stop, or ``None`` without
+      ``checkpoint_dir``.
+  """
+
+  def __init__(self, round_num: int, result: "SimulationResult", checkpoint: str | None):
+    super().__init__(f"interrupted after round {round_num}")
+    self.round, self.result, self.history, self.checkpoint = (round_num, result, result.history,
+                                                              checkpoint)
 
 
 @dataclass
@@ -313,7 +336,10 @@ def simulate(algorithm: Algorithm, model: Model, train: FederatedData, rounds: i
              system: systems.Heterogeneity | None = None, dissimilarity: bool = False,
              population: str = "device", aggregator=None, sampling: str = "fixed",
              attack=None, local_params=None,
-             callback: Callable[[list[dict]], None] | None = None) -> SimulationResult:
+             callback: Callable[[list[dict]], None] | None = None,
+             checkpoint_dir: str | None = None, checkpoint_every: int | None = None,
+             checkpoint_keep: int = 2, resume=False, init_state=None,
+             start_round: int | None = None) -> SimulationResult:
   """Simulates ``rounds`` rounds of federated training.
 
   Args:
@@ -354,6 +380,28 @@ def simulate(algorithm: Algorithm, model: Model, train: FederatedData, rounds: i
       population client keeps its own copy on the device; evaluation is then personalized (each
       example scored by its client's model), so ``test`` must split the training clients' data.
     callback: called after each block with the new history rows (dicts), e.g. to log them.
+    checkpoint_dir: where checkpoints go (:mod:`fedjax_sim.checkpoint`: the whole engine state,
+      including per-client states such as SCAFFOLD's control variates and the aggregator's
+      states, the round counter and the history). With it a checkpoint is written after the last
+      round, when Ctrl-C stops the run, and every ``checkpoint_every`` rounds.
+    checkpoint_every: checkpoint period in rounds. Checkpoints are written between compiled
+      blocks only, so the period is rounded up to a multiple of the block length
+      (``info["checkpoint_every"]`` records the period used).
+    checkpoint_keep: how many of the newest checkpoints to keep.
+    resume: ``True``: continue from the newest whole checkpoint in ``checkpoint_dir`` (a torn
+      newest file falls back to the previous one, with a warning; none present: start afresh);
+      or a :class:`fedjax_sim.checkpoint.Checkpoint` already loaded. The continued run gives the
+      numbers of an uninterrupted one (rounds are keyed by their number, so no RNG state is
+      needed) and its history includes the checkpoint's rows. A checkpoint of a different run
+      (algorithm, hyperparameters, data sizes, seed, cohorts, aggregator, plan, ...: see
+      :func:`run_fingerprint`) is refused with a ValueError naming what differs; ``rounds`` may
+      change (not below the checkpoint's round).
+    init_state: continue from a state in memory instead (``result.state`` of an earlier
+      :func:`simulate` of the same setup); with ``start_round``.
+    start_round: the first round to run (default 1, or the round after the resumed checkpoint).
+      ``simulate(..., rounds=200, init_state=r.state, start_round=101)`` continues a 100-round
+      result ``r`` as if it had run 200 rounds (the server optimizer's and the per-client states
+      carry over, and rounds 101..200 draw the cohorts of an uninterrupted run).
 
   Returns:
     A :class:`SimulationResult`.
@@ -361,6 +409,9 @@ def simulate(algorithm: Algorithm, model: Model, train: FederatedData, rounds: i
   Raises:
     ValueError / DataError: bad arguments, naming the bad value.
     TrainingDiverged: the model became non-finite; ``.history`` keeps the rows before it.
+    SimulationInterrupted: Ctrl-C (SIGINT, in the main thread) stops the run when the current
+      block of rounds finishes, after writing a checkpoint; a second Ctrl-C stops it at once
+      (a plain ``KeyboardInterrupt``).
   """
   cohort_size, block_len, how = check_arguments(
       algorithm, model, train, test, rounds, clients_per_round, client_fraction, seed, eval_every,
@@ -415,29 +466,188 @@ def simulate(algorithm: Algorithm, model: Model, train: FederatedData, rounds: i
           train.num_examples, [np.arange(train.num_clients)], algorithm),
   }
 
-  history: dict[str, list] = {"round": []}
-  block_seconds = []
   state = engine.init_state(params)
+  fingerprint = run_fingerprint(
+      algorithm=algorithm, model=model, params=params, train=train, test=test,
+      clients_per_round=clients_per_round, client_fraction=client_fraction, seed=seed,
+      eval_every=eval_every, plan=chosen, rounds_per_block=block_len, bucketing=bucketing,
+      system=system, dissimilarity=dissimilarity, population=population,
+      aggregator=engine.spec.aggregator, sampling=how, attack=attack, local=local)
+  state, history, first = _starting_point(state, fingerprint, rounds, checkpoint_dir,
+                                          checkpoint_every, checkpoint_keep, resume, init_state,
+                                          start_round)
+  every = None
+  if checkpoint_every is not None:
+    every = -(-positive_int("checkpoint_every", checkpoint_every) // block_len) * block_len
+    info["checkpoint_every"] = every
+  elapsed_before = history["elapsed"][-1] if history.get("elapsed") else 0.0
+  block_seconds = []
+  last_saved = first - 1
+  stop = _InterruptFlag()
   start = time.perf_counter()
-  for round_nums, active, do_eval in blocks(rounds, block_len, eval_every):
-    state, metrics = engine.run_block(state, jnp.asarray(round_nums), jnp.asarray(active),
-                                      jnp.asarray(do_eval))
-    metrics = jax.device_get(metrics)
-    elapsed = time.perf_counter() - start
-    block_seconds.append(elapsed - sum(block_seconds))
-    rows, diverged = history_rows(metrics, round_nums, active, do_eval, elapsed, columns)
-    info["overflow_rounds"] += check_overflow(metrics, round_nums, active, cohort_size)
-    for row in rows:
-      for k, v in row.items():
-        history.setdefault(k, []).append(v)
-    if callback is not None and rows:
-      callback(rows)
-    if diverged is not None:
-      raise TrainingDiverged(diverged, history)
+  with stop:
+    for round_nums, active, do_eval in blocks(rounds, block_len, eval_every, first):
+      state, metrics = engine.run_block(state, jnp.asarray(round_nums), jnp.asarray(active),
+                                        jnp.asarray(do_eval))
+      metrics = jax.device_get(metrics)
+      elapsed = time.perf_counter() - start
+      block_seconds.append(elapsed - sum(block_seconds))
+      rows, diverged = history_rows(metrics, round_nums, active, do_eval, elapsed_before + elapsed,
+                                    columns)
+      info["overflow_rounds"] += check_overflow(metrics, round_nums, active, cohort_size)
+      for row in rows:
+        for k, v in row.items():
+          history.setdefault(k, []).append(v)
+      if diverged is not None:
+        if callback is not None and rows:
+          callback(rows)
+        raise TrainingDiverged(diverged, history)
+      last = int(round_nums[active][-1])
+      saved = None
+      if checkpoint_dir is not None and (stop.requested or last == rounds or (
+          every is not None and last // every > last_saved // every)):
+        saved = checkpoint_lib.save(checkpoint_dir, last, state, history, fingerprint,
+                                    checkpoint_keep)
+        last_saved = last
+      if callback is not None and rows:
+        callback(rows)
+      if stop.requested and last < rounds:
+        info.update(seconds=time.perf_counter() - start, block_seconds=block_seconds,
+                    compilations=compilations(engine), interrupted_after_round=last)
+        raise SimulationInterrupted(last, SimulationResult(state.params, history, info, state),
+                                    saved)
   info["seconds"] = time.perf_counter() - start
   info["block_seconds"] = block_seconds  # the first includes compilation
   info["compilations"] = compilations(engine)
   return SimulationResult(state.params, history, info, state)
+
+
+class _InterruptFlag:
+  """While entered (in the main thread, with Python's default SIGINT handler), the first Ctrl-C
+  only sets ``requested`` so the run stops at the end of the current block; a second one raises
+  ``KeyboardInterrupt`` at once."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def _handle(self, signum, frame):
+    if self.requested:
+      raise KeyboardInterrupt
+    self.requested = True
+    import sys
+    print("\ninterrupt: stopping after the current block of rounds (Ctrl-C again to stop now)",
+          file=sys.stderr, flush=True)
+
+  def __enter__(self):
+    if (threading.current_thread() is threading.main_thread()
+        and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
+      self._previous = signal.signal(signal.SIGINT, self._handle)
+    return self
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGINT, self._previous)
+    return False
+
+
+def run_fingerprint(*, algorithm, model, params, train, test, clients_per_round, client_fraction,
+                    seed, eval_every, plan, rounds_per_block, bucketing, system, dissimilarity,
+                    population, aggregator, sampling, attack, local=None) -> dict:
+  """What a checkpoint must agree on to be resumed (JSON-normal values).
+
+  Compared: the algorithm's name, local work, weighting and numeric ``hparams``; the model's name
+  and the initial params (a digest); the data's client sizes and shapes; seed, cohorts, sampling,
+  evaluation period, plan, block length, bucketing, systems heterogeneity, population placement,
+  aggregator (name and ``hparams``), attack and local parameters. Optimizer objects (learning rates inside optax
+  transformations) cannot be compared and are not: the command line compares its whole config.
+  """
+  def digest(arrays) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+      a = np.ascontiguousarray(np.asarray(a))
+      h.update(str((a.dtype, a.shape)).encode())
+      h.update(a.tobytes())
+    return h.hexdigest()[:16]
+
+  def data(d):
+    return None if d is None else {"clients": d.num_clients, "feature_shape": list(d.feature_shape),
+                                   "sizes": digest([d.num_examples])}
+
+  def numbers(hp):
+    return {k: np.asarray(v).tolist() for k, v in (hp or {}).items()}
+
+  fp = {
+      "algorithm": algorithm.name,
+      "algorithm_hparams": numbers(algorithm.hparams),
+      "local_work": [algorithm.local_epochs, algorithm.batch_size, algorithm.local_steps,
+                     algorithm.shuffle, algorithm.weighting],
+      "model": model.name, "init_params": digest(jax.tree.leaves(params)),
+      "train": data(train), "test": data(test), "seed": int(seed),
+      "clients_per_round": clients_per_round, "client_fraction": client_fraction,
+      "sampling": [sampling.kind, sampling.rate], "eval_every": eval_every,
+      "plan": [plan.name, plan.chunk_size], "rounds_per_block": rounds_per_block,
+      "bucketing": bool(bucketing), "system": None if system is None else list(system),
+      "dissimilarity": bool(dissimilarity), "population": population,
+      "aggregator": [aggregator.name, numbers(aggregator.hparams)],
+      "attack": None if attack is None else [attack.name, attack.fraction,
+                                             None if attack.ids is None else list(attack.ids)],
+      "local_params": None if local is None else [bool(m) for m in local],
+  }
+  return json.loads(json.dumps(fp, default=str))
+
+
+def _starting_point(template, fingerprint, rounds, checkpoint_dir, checkpoint_every,
+                    checkpoint_keep, resume, init_state, start_round):
+  """``(state, history, first round)``: a fresh start (``template``), a checkpoint or a given
+  state."""
+  if checkpoint_dir is None and (resume is not False or checkpoint_every is not None):
+    raise ValueError("resume and checkpoint_every need a checkpoint_dir")
+  if checkpoint_dir is not None:
+    positive_int("checkpoint_keep", checkpoint_keep)
+  if start_round is not None:
+    positive_int("start_round", start_round)
+    if start_round > rounds:
+      raise ValueError(f"start_round={start_round} is past rounds={rounds}")
+  checkpoint = None
+  if resume is not False and resume is not True:
+    if not isinstance(resume, checkpoint_lib.Checkpoint):
+      raise ValueError(f"resume must be True, False or a loaded Checkpoint, got {resume!r}")
+    checkpoint = resume
+  elif resume:
+    checkpoint = checkpoint_lib.load_latest(checkpoint_dir)
+  elif checkpoint_dir is not None and checkpoint_lib.list_checkpoints(checkpoint_dir):
+    raise ValueError(f"checkpoint_dir {checkpoint_dir!r} already holds checkpoints; pass "
+                     "resume=True to continue that run, or give another directory")
+  if checkpoint is not None:
+    if init_state is not None or start_round is not None:
+      raise ValueError("give resume or init_state/start_round, not both")
+    differ = checkpoint_lib.differing_keys(checkpoint.fingerprint, fingerprint)
+    if differ:
+      raise ValueError(f"checkpoint {checkpoint.path} is of a different run: "
+                       + ", ".join(f"{k} (checkpoint {checkpoint.fingerprint.get(k)!r}, now "
+                                   f"{fingerprint.get(k)!r})" for k in differ))
+    if checkpoint.round > rounds:
+      raise ValueError(f"checkpoint {checkpoint.path} is of round {checkpoint.round}, past "
+                       f"rounds={rounds}")
+    try:
+      state = checkpoint_lib.restore(checkpoint, template)
+    except checkpoint_lib.CheckpointError as e:
+      raise ValueError(str(e)) from None
+    state = jax.tree.map(jnp.asarray, state)
+    return state, checkpoint.history, checkpoint.round + 1
+  if init_state is not None:
+    want, got = jax.tree.structure(template), jax.tree.structure(init_state)
+    if want != got:
+      raise ValueError(f"init_state does not have this run's state structure: got {got}, "
+                       f"expected {want}")
+    for i, (g, w) in enumerate(zip(jax.tree.leaves(init_state), jax.tree.leaves(template))):
+      if np.shape(g) != w.shape:
+        raise ValueError(f"init_state leaf {i} has shape {np.shape(g)}; this run's is {w.shape}")
+    state = jax.tree.map(lambda a, w: jnp.array(a, dtype=w.dtype, copy=True), init_state,
+                         template)
+    return state, {"round": []}, start_round or 1
+  return template, {"round": []}, start_round or 1
 
 
 def initial_params(model: Model, seed: int, init_params=None):
@@ -464,9 +674,10 @@ def evaluator(model: Model, eval_sets: dict, unroll: bool, rows: dict | None = N
       k: v for ev, xy in zip(evaluators, arrays) for k, v in ev(p, xy, local_clients).items()}
 
 
-def blocks(rounds: int, block_len: int, eval_every: int):
-  """``(round_nums, active, do_eval)`` of each block of rounds (the last one padded)."""
-  for first in range(1, rounds + 1, block_len):
+def blocks(rounds: int, block_len: int, eval_every: int, start: int = 1):
+  """``(round_nums, active, do_eval)`` of each block of rounds ``start..rounds`` (the last one
+  padded)."""
+  for first in range(start, rounds + 1, block_len):
     round_nums = np.arange(first, first + block_len, dtype=np.int32)
     active = round_nums <= rounds
     yield round_nums, active, active & ((round_nums % eval_every == 0) | (round_nums == rounds))

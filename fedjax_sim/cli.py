@@ -68,7 +68,16 @@ CONFIG_KEYS = {
     "compilation_cache": ("~/.cache/fedjax_sim/xla", "directory of JAX's persistent compilation "
                           "cache, so a rerun skips compilation ('none' = off; a cache already "
                           "configured, e.g. by JAX_COMPILATION_CACHE_DIR, is kept)"),
+    "checkpoint_every": (100, "write a checkpoint (run directory's checkpoints/) every this many "
+                         "rounds, rounded up to a multiple of rounds_per_block, and after the "
+                         "last round and on Ctrl-C; 'none' = no checkpoints (no --resume)"),
+    "checkpoint_keep": (2, "how many of the newest checkpoints to keep"),
+    "tensorboard": (False, "also write TensorBoard event files to the run directory's "
+                    "tensorboard/ (needs the tensorboard extra: pip install 'fedjax_sim[tensorboard]')"),
 }
+# keys a resumed run may change: they do not change the numbers of the rounds already run
+RESUMABLE_CHANGES = ("rounds", "checkpoint_every", "checkpoint_keep", "compilation_cache",
+                     "tensorboard")
 
 MODELS = ("softmax_regression", "logistic_regression", "linear_regression", "mlp", "cnn",
           "shakespeare_lstm")
@@ -88,9 +97,12 @@ def _parse_value(text: str):
     return text
 
 
-def resolve_config(config_file: str | None, overrides: list[str]) -> dict:
-  """Defaults, then the TOML file, then ``key=value`` overrides; rejects unknown keys."""
-  config = {k: (dict(v[0]) if isinstance(v[0], dict) else v[0]) for k, v in CONFIG_KEYS.items()}
+def resolve_config(config_file: str | None, overrides: list[str], base: dict | None = None) -> dict:
+  """Defaults (or ``base``), then the TOML file, then ``key=value`` overrides; rejects unknown
+  keys."""
+  if base is None:
+    base = {k: v[0] for k, v in CONFIG_KEYS.items()}
+  config = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base.items()}
   if config_file is not None:
     try:
       with open(config_file, "rb") as f:
@@ -275,27 +287,135 @@ def load_dataset(config: dict):
 
 
 class Progress:
-  """A one-line progress bar on stderr with the latest loss."""
+  """Progress on stderr with rate and ETA (tqdm): a live bar on a terminal; otherwise one plain
+  line at each tenth of the run (and at least every 30 s), so logs stay short. The postfix shows
+  the latest train loss, test accuracy and ε."""
 
-  def __init__(self, total: int, stream=sys.stderr):
-    self.total, self.stream, self.start = total, stream, time.perf_counter()
+  def __init__(self, total: int, initial: int = 0, stream=sys.stderr, every_s: float = 30.0):
+    from tqdm import tqdm
+    self.total, self.initial, self.stream, self.every_s = total, initial, stream, every_s
     self.tty = stream.isatty()
+    self.start = time.perf_counter()
+    self._last_line, self._next_mark = -math.inf, initial
+    self.bar = (tqdm(total=total, initial=initial, unit="round", file=stream, dynamic_ncols=True,
+                     leave=True) if self.tty else None)
+    self._format = tqdm.format_meter
+
+  @staticmethod
+  def postfix(row: dict) -> str:
+    parts = [f"train_loss {row['train_loss']:.4f}"] if "train_loss" in row else []
+    if "test_accuracy" in row:
+      parts.append(f"test_acc {row['test_accuracy']:.3f}")
+    if "epsilon" in row:
+      parts.append(f"ε {row['epsilon']:.3g}")
+    return "  ".join(parts)
 
   def update(self, row: dict) -> None:
     done = row["round"]
-    width = 30
-    filled = int(width * done / self.total)
-    loss = f"train_loss {row['train_loss']:.4f}"
-    acc = f"  test_acc {row['test_accuracy']:.3f}" if "test_accuracy" in row else ""
-    acc += f"  ε {row['epsilon']:.3g}" if "epsilon" in row else ""
-    line = (f"[{'#' * filled}{'.' * (width - filled)}] round {done}/{self.total}  {loss}{acc}  "
-            f"{time.perf_counter() - self.start:.1f}s")
-    self.stream.write(("\r" + line) if self.tty else (line + "\n"))
+    if self.bar is not None:
+      self.bar.set_postfix_str(self.postfix(row), refresh=False)
+      self.bar.update(done - self.bar.n)
+      return
+    now = time.perf_counter()
+    if done < self.total and done < self._next_mark and now - self._last_line < self.every_s:
+      return
+    self._last_line = now
+    while self._next_mark <= done:
+      self._next_mark += max(1, self.total // 10)
+    line = self._format(done, self.total, now - self.start, unit="round", initial=self.initial,
+                        bar_format="round {n_fmt}/{total_fmt} ({percentage:.0f}%) "
+                                   "[{elapsed}<{remaining}, {rate_fmt}]  " + self.postfix(row))
+    self.stream.write(line + "\n")
     self.stream.flush()
 
   def close(self) -> None:
-    if self.tty:
-      self.stream.write("\n")
+    if self.bar is not None:
+      self.bar.close()
+
+
+class RunLog:
+  """The metrics files of a run directory: ``metrics.jsonl`` (one JSON object per evaluated round),
+  ``metrics.csv`` (the same rows; columns are the union of the rows' keys, header once) and, with
+  ``tensorboard``, TensorBoard event files under ``tensorboard/`` (one scalar per metric, step =
+  round).
+
+  ``rows`` are the rows already logged (a resumed run's checkpoint history): both files are
+  rewritten to exactly these rows first, so rows written after that checkpoint by a killed run
+  are neither lost nor duplicated, and TensorBoard hides its events past them (``purge_step``).
+  """
+
+  def __init__(self, out: str, rows=(), tensorboard: bool = False, resumed_round: int | None = None):
+    self.out = out
+    self.jsonl_path = os.path.join(out, "metrics.jsonl")
+    self.csv_path = os.path.join(out, "metrics.csv")
+    self.rows = [dict(r) for r in rows]
+    self.columns = []
+    for row in self.rows:
+      self.columns += [k for k in row if k not in self.columns]
+    _write_atomic(self.jsonl_path, "".join(json.dumps(r) + "\n" for r in self.rows))
+    self._rewrite_csv()
+    self.jsonl = open(self.jsonl_path, "a")
+    self.writer = None
+    if tensorboard:
+      from tensorboardX import SummaryWriter
+      self.writer = SummaryWriter(os.path.join(out, "tensorboard"),
+                                  purge_step=None if resumed_round is None else resumed_round + 1)
+
+  def _rewrite_csv(self) -> None:
+    import csv, io
+    text = io.StringIO()
+    writer = csv.DictWriter(text, self.columns, lineterminator="\n")
+    if self.columns:
+      writer.writeheader()
+      writer.writerows(self.rows)
+    _write_atomic(self.csv_path, text.getvalue())
+
+  def write(self, rows: list[dict]) -> None:
+    import csv
+    self.rows += rows
+    for row in rows:
+      self.jsonl.write(json.dumps(row) + "\n")
+    self.jsonl.flush()
+    new = [k for row in rows for k in row if k not in self.columns]
+    if new:  # a new column (or the first rows): the header changes, write the file anew
+      self.columns += list(dict.fromkeys(new))
+      self._rewrite_csv()
+    else:
+      with open(self.csv_path, "a") as f:
+        csv.DictWriter(f, self.columns, lineterminator="\n").writerows(rows)
+    if self.writer is not None:
+      for row in rows:
+        for key, value in row.items():
+          if key not in ("round", "elapsed") and isinstance(value, (int, float)):
+            self.writer.add_scalar(key, value, row["round"])
+      self.writer.flush()
+
+  def close(self) -> None:
+    self.jsonl.close()
+    if self.writer is not None:
+      self.writer.close()
+
+
+def _write_atomic(path: str, text: str) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.write(text)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def _history(rows: list[dict]) -> dict:
+  history = {}
+  for row in rows:
+    for k, v in row.items():
+      history.setdefault(k, []).append(v)
+  return history
+
+
+def _rows(history: dict) -> list[dict]:
+  keys = list(history)
+  return [dict(zip(keys, values)) for values in zip(*(history[k] for k in keys))]
 
 
 def plot_curves(history: dict, path: str, title: str) -> None:
@@ -343,20 +463,99 @@ def use_compilation_cache(directory) -> None:
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
+def _resume_config(run_dir: str, config_file: str | None, overrides: list[str]) -> dict:
+  """The config of the run in ``run_dir`` with the allowed changes (:data:`RESUMABLE_CHANGES`)
+  from ``--config`` / ``--set``; any other change is refused, naming the keys."""
+  path = os.path.join(run_dir, "config.json")
+  try:
+    with open(path) as f:
+      saved = json.load(f)
+  except FileNotFoundError:
+    raise ConfigError(f"--resume {run_dir!r}: no config.json there; it is not a fedjax-sim run "
+                      "directory") from None
+  except json.JSONDecodeError as e:
+    raise ConfigError(f"--resume {run_dir!r}: config.json is not valid JSON ({e})") from None
+  unknown = sorted(set(saved) - set(CONFIG_KEYS))
+  if unknown:
+    raise ConfigError(f"--resume {run_dir!r}: config.json has keys this version does not know: "
+                      f"{', '.join(unknown)}")
+  saved = {**{k: v[0] for k, v in CONFIG_KEYS.items()}, **saved}
+  config = resolve_config(config_file, overrides, base=saved)
+  from fedjax_sim.checkpoint import differing_keys
+  changed = differing_keys(saved, config, ignore=RESUMABLE_CHANGES)
+  if changed:
+    raise ConfigError(
+        f"cannot resume {run_dir!r} with a changed config: "
+        + ", ".join(f"{k} ({json.dumps(saved.get(k))} -> {json.dumps(config.get(k))})"
+                    for k in changed)
+        + f"; only {', '.join(RESUMABLE_CHANGES)} may change")
+  return config
+
+
+def _checkpoint_options(config: dict):
+  every, keep = config["checkpoint_every"], config["checkpoint_keep"]
+  for key, value in (("checkpoint_every", every), ("checkpoint_keep", keep)):
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+      raise ConfigError(f"{key} must be a positive integer{' or none' if key == 'checkpoint_every' else ''}, "
+                        f"got {value!r}")
+  if keep is None:
+    raise ConfigError("checkpoint_keep must be a positive integer, got None")
+  if not isinstance(config["tensorboard"], bool):
+    raise ConfigError(f"tensorboard must be true or false, got {config['tensorboard']!r}")
+  if config["tensorboard"]:
+    try:
+      import tensorboardX  # noqa: F401
+    except ImportError:
+      raise ConfigError("tensorboard=true needs tensorboardX: pip install "
+                        "'fedjax_sim[tensorboard]'") from None
+  return every, keep
+
+
+def _load_checkpoint(run_dir: str):
+  """The newest whole checkpoint of ``run_dir`` (torn newer files reported, not loaded)."""
+  import warnings
+  from fedjax_sim import checkpoint as checkpoint_lib
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    try:
+      checkpoint = checkpoint_lib.load_latest(os.path.join(run_dir, "checkpoints"))
+    except checkpoint_lib.CheckpointError as e:
+      raise ConfigError(f"--resume {run_dir!r}: {e}") from None
+  for w in caught:
+    print(f"fedjax-sim: warning: {w.message}", file=sys.stderr)
+  if checkpoint is None:
+    raise ConfigError(f"--resume {run_dir!r}: no checkpoint in {os.path.join(run_dir, 'checkpoints')} "
+                      "(was it run with checkpoint_every=none?)")
+  return checkpoint
+
+
+# A test hook: kill this process with SIGKILL once the metrics of this round are written (how the
+# tests interrupt a run for real at a known point).
+_KILL_AFTER_ROUND = "FEDJAX_SIM_TEST_KILL_AFTER_ROUND"
+
+
 def run(args) -> int:
-  config = resolve_config(args.config, args.set or [])
+  resume_dir = getattr(args, "resume", None)
+  if resume_dir is not None:
+    if args.out is not None and os.path.abspath(args.out) != os.path.abspath(resume_dir):
+      raise ConfigError("--resume continues the run in its own directory; drop --out")
+    config = _resume_config(resume_dir, args.config, args.set or [])
+  else:
+    config = resolve_config(args.config, args.set or [])
   algo, model, train, test = build_experiment(config)
-  from fedjax_sim.simulation import TrainingDiverged, check_arguments, check_attack, simulate
+  from fedjax_sim.simulation import (SimulationInterrupted, TrainingDiverged, check_arguments,
+                                     check_attack, simulate)
   system = build_system(config["system"])
   aggregator = build_aggregator(config)
   attack = build_attack(config)
+  checkpoint_every, checkpoint_keep = _checkpoint_options(config)
   run_args = dict(rounds=config["rounds"], clients_per_round=config["clients_per_round"],
                   client_fraction=config["client_fraction"], seed=config["seed"],
                   eval_every=config["eval_every"], plan=config["plan"],
                   chunk_size=config["chunk_size"], rounds_per_block=config["rounds_per_block"],
                   sampling=config["sampling"])
   try:  # everything that can be checked before the run directory is written
-    cohort_size, _, how = check_arguments(algo, model, train, test, **run_args)
+    cohort_size, block_len, how = check_arguments(algo, model, train, test, **run_args)
     import jax
     from fedjax_sim import aggregators
     check_attack(attack, model, model.init(jax.random.key(0)), train)
@@ -366,50 +565,85 @@ def run(args) -> int:
   except ValueError as e:
     raise ConfigError(str(e)) from None
   use_compilation_cache(config["compilation_cache"])
-  out = _out_dir(config, args.out)
-  with open(os.path.join(out, "config.json"), "w") as f:
-    json.dump(config, f, indent=2)
+  checkpoint, rows = None, []
+  if resume_dir is not None:
+    out = resume_dir
+    checkpoint = _load_checkpoint(out)
+    if checkpoint.round > config["rounds"]:
+      raise ConfigError(f"--resume {out!r}: its checkpoint is of round {checkpoint.round}, past "
+                        f"rounds={config['rounds']}")
+    rows = _rows(checkpoint.history)
+  else:
+    out = _out_dir(config, args.out)
+  _write_atomic(os.path.join(out, "config.json"), json.dumps(config, indent=2))
+  checkpoint_dir = os.path.join(out, "checkpoints") if checkpoint_every is not None else None
+  first = 1 if checkpoint is None else checkpoint.round + 1
+  every = None if checkpoint_every is None else -(-checkpoint_every // block_len) * block_len
   print(f"{algo.name} on {config['dataset']}: {train.num_clients} clients "
-        f"({train.total_examples} examples), model {model.name}; writing {out}", file=sys.stderr)
-  progress = Progress(config["rounds"]) if not args.quiet else None
-  metrics_path = os.path.join(out, "metrics.jsonl")
-  metrics_file = open(metrics_path, "w")
+        f"({train.total_examples} examples), model {model.name}; "
+        + (f"resuming {out} after round {checkpoint.round}" if checkpoint else f"writing {out}")
+        + ("" if every is None else f"; checkpoint every {every} rounds"
+           + (f" (checkpoint_every={checkpoint_every} rounded up to whole blocks of "
+              f"{block_len})" if every != checkpoint_every else "")),
+        file=sys.stderr)
+  log = RunLog(out, rows, tensorboard=config["tensorboard"],
+               resumed_round=None if checkpoint is None else checkpoint.round)
+  progress = Progress(config["rounds"], initial=first - 1) if not args.quiet else None
+  kill_after = os.environ.get(_KILL_AFTER_ROUND)
 
-  def log(rows):
-    for row in rows:
-      metrics_file.write(json.dumps(row) + "\n")
-      if progress:
-        progress.update(row)
-    metrics_file.flush()
+  def on_rows(new_rows):
+    log.write(new_rows)
+    if progress:
+      progress.update(new_rows[-1])
+    if kill_after is not None and new_rows[-1]["round"] >= int(kill_after):
+      import signal
+      os.kill(os.getpid(), signal.SIGKILL)
 
   summary = {"status": "completed", "config": config}
-  history = None
+  history, info = None, {}
   try:
-    result = simulate(algo, model, train, test=test, callback=log, system=system,
+    result = simulate(algo, model, train, test=test, callback=on_rows, system=system,
                       aggregator=aggregator, attack=attack,
-                      dissimilarity=bool(config["dissimilarity"]), **run_args)
-    history = result.history
-    summary["engine"] = result.info
+                      dissimilarity=bool(config["dissimilarity"]), checkpoint_dir=checkpoint_dir,
+                      checkpoint_every=checkpoint_every, checkpoint_keep=checkpoint_keep,
+                      resume=checkpoint or False, **run_args)
+    history, info = result.history, result.info
   except TrainingDiverged as e:
     history = e.history
     summary.update(status="diverged", diverged_at_round=e.round, error=str(e))
+  except SimulationInterrupted as e:
+    history, info = e.history, e.result.info
+    summary.update(status="interrupted", interrupted_after_round=e.round)
+  except KeyboardInterrupt:  # a second Ctrl-C, inside a block: what was logged is kept
+    history = _history(log.rows)
+    summary.update(status="interrupted",
+                   interrupted_after_round=history["round"][-1] if log.rows else first - 1)
   except ValueError as e:
     raise ConfigError(str(e)) from None
   finally:
-    metrics_file.close()
+    log.close()
     if progress:
       progress.close()
+  if info:
+    summary["engine"] = info
   if history and history["round"]:
     summary["final"] = {k: v[-1] for k, v in history.items()}
     plot_curves(history, os.path.join(out, "curves.png"),
                 f"{algo.name} / {model.name} / {config['dataset']}")
-  with open(os.path.join(out, "summary.json"), "w") as f:
-    json.dump(summary, f, indent=2)
+  _write_atomic(os.path.join(out, "summary.json"), json.dumps(summary, indent=2))
   if summary["status"] == "diverged":
-    print(f"fedjax-sim: error: {summary['error']} (metrics so far kept in {metrics_path})",
+    print(f"fedjax-sim: error: {summary['error']} (metrics so far kept in {log.jsonl_path})",
           file=sys.stderr)
     return 3
-  _print_summary(history, result.info, out)
+  if summary["status"] == "interrupted":
+    from fedjax_sim.checkpoint import list_checkpoints
+    saved = list_checkpoints(checkpoint_dir) if checkpoint_dir else []
+    how_to = (f"; continue from round {saved[-1][0]} with: fedjax-sim run --resume {out}"
+              if saved else " (no checkpoint: checkpoint_every=none)")
+    print(f"fedjax-sim: interrupted after round {summary['interrupted_after_round']}; metrics, "
+          f"summary.json and curves.png kept in {out}{how_to}", file=sys.stderr)
+    return 130
+  _print_summary(history, info, out)
   return 0
 
 
@@ -431,6 +665,75 @@ def _print_summary(history: dict, info: dict, out: str) -> None:
            ("output", out)]
   width = max(len(k) for k, _ in rows)
   print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
+
+
+def _read_run(run_dir: str) -> tuple[list[dict], dict]:
+  """``(metrics rows, summary or {})`` of a run directory (a torn last line is skipped)."""
+  path = os.path.join(run_dir, "metrics.jsonl")
+  try:
+    with open(path) as f:
+      lines = [l for l in f.read().splitlines() if l.strip()]
+  except FileNotFoundError:
+    raise ConfigError(f"{run_dir!r} is not a run directory: no metrics.jsonl") from None
+  rows = []
+  for i, line in enumerate(lines):
+    try:
+      rows.append(json.loads(line))
+    except json.JSONDecodeError:
+      if i != len(lines) - 1:
+        raise ConfigError(f"{path}: line {i + 1} is not JSON") from None
+  if not rows:
+    raise ConfigError(f"{path} has no rows yet")
+  summary = {}
+  try:
+    with open(os.path.join(run_dir, "summary.json")) as f:
+      summary = json.load(f)
+  except (FileNotFoundError, json.JSONDecodeError):
+    pass
+  return rows, summary
+
+
+def compare(args) -> int:
+  """``fedjax-sim compare RUN... --metric M --out FIG``: one curve per run, and a table of each
+  run's final metrics."""
+  runs = {}
+  for run_dir in args.runs:
+    label = os.path.basename(os.path.normpath(run_dir)) or run_dir
+    if label in runs:
+      label = run_dir
+    runs[label] = _read_run(run_dir)
+  has = lambda key: all(any(key in r for r in rows) for rows, _ in runs.values())
+  metric = args.metric or ("test_accuracy" if has("test_accuracy") else "train_loss")
+  for label, (rows, _) in runs.items():
+    if not any(metric in r for r in rows):
+      keys = sorted({k for r in rows for k in r} - {"round", "elapsed"})
+      raise ConfigError(f"run {label!r} has no metric {metric!r}; it has: {', '.join(keys)}")
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(6, 3.8))
+  for label, (rows, _) in runs.items():
+    points = [(r["round"], r[metric]) for r in rows if metric in r]
+    ax.plot(*zip(*points), label=label)
+  ax.set_xlabel("round"); ax.set_ylabel(metric); ax.legend()
+  fig.tight_layout()
+  fig.savefig(args.out, dpi=100)
+  plt.close(fig)
+  columns = [metric] + [k for k in ("train_loss", "test_loss", "test_accuracy", "epsilon")
+                        if k != metric and has(k)]
+  best = max if "accuracy" in metric else min
+  table = [["run", "status", "rounds", *[f"final {c}" for c in columns], f"best {metric}"]]
+  for label, (rows, summary) in runs.items():
+    last = rows[-1]
+    values = [r[metric] for r in rows if metric in r]
+    table.append([label, summary.get("status", "running?"), str(last["round"]),
+                  *[f"{last[c]:.4g}" if c in last else "-" for c in columns],
+                  f"{best(values):.4g}"])
+  widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+  for row in table:
+    print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+  print(f"figure: {args.out}")
+  return 0
 
 
 def list_available(_args) -> int:
@@ -477,6 +780,7 @@ def _parser() -> argparse.ArgumentParser:
       prog="fedjax-sim", description="Vectorized federated-learning simulator.",
       formatter_class=argparse.RawDescriptionHelpFormatter,
       epilog="commands:\n  run    run an experiment (fedjax-sim run --help for its keys)\n"
+             "  compare   overlay runs and print their final metrics\n"
              "  list   algorithms, models and datasets\n"
              "  data describe   client sizes and label skew of a dataset")
   sub = parser.add_subparsers(dest="command", required=True)
@@ -490,7 +794,20 @@ def _parser() -> argparse.ArgumentParser:
   run_p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one key")
   run_p.add_argument("--out", help="run directory (default: a new one under runs/)")
   run_p.add_argument("--quiet", action="store_true", help="no progress bar")
+  run_p.add_argument("--resume", metavar="DIR",
+                     help="continue the run in DIR from its newest checkpoint (its config, with "
+                          "only rounds, checkpoint_*, compilation_cache or tensorboard changed "
+                          "by --set/--config)")
   run_p.set_defaults(func=run)
+  compare_p = sub.add_parser(
+      "compare", help="overlay runs' curves and print their final metrics",
+      description="Plots one metric of several run directories against the round and prints a "
+                  "table of each run's final metrics.")
+  compare_p.add_argument("runs", nargs="+", metavar="RUN", help="run directories")
+  compare_p.add_argument("--metric", help="metric to plot (default test_accuracy when every run "
+                                          "has it, else train_loss)")
+  compare_p.add_argument("--out", default="compare.png", help="figure path (default compare.png)")
+  compare_p.set_defaults(func=compare)
   list_p = sub.add_parser("list", help="list algorithms, models and datasets")
   list_p.set_defaults(func=list_available)
   data_p = sub.add_parser("data", help="inspect a dataset")

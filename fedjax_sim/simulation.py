@@ -392,7 +392,8 @@ def simulate(algorithm: Algorithm, model: Model, train: FederatedData, rounds: i
       newest file falls back to the previous one, with a warning; none present: start afresh);
       or a :class:`fedjax_sim.checkpoint.Checkpoint` already loaded. The continued run gives the
       numbers of an uninterrupted one (rounds are keyed by their number, so no RNG state is
-      needed) and its history includes the checkpoint's rows. A checkpoint of a different run
+      needed) and its history includes the checkpoint's rows (``callback`` sees only the new
+      ones). The block length may differ from the first run's. A checkpoint of a different run
       (algorithm, hyperparameters, data sizes, seed, cohorts, aggregator, plan, ...: see
       :func:`run_fingerprint`) is refused with a ValueError naming what differs; ``rounds`` may
       change (not below the checkpoint's round).
@@ -470,7 +471,7 @@ def simulate(algorithm: Algorithm, model: Model, train: FederatedData, rounds: i
   fingerprint = run_fingerprint(
       algorithm=algorithm, model=model, params=params, train=train, test=test,
       clients_per_round=clients_per_round, client_fraction=client_fraction, seed=seed,
-      eval_every=eval_every, plan=chosen, rounds_per_block=block_len, bucketing=bucketing,
+      eval_every=eval_every, plan=chosen, bucketing=bucketing,
       system=system, dissimilarity=dissimilarity, population=population,
       aggregator=engine.spec.aggregator, sampling=how, attack=attack, local=local)
   state, history, first = _starting_point(state, fingerprint, rounds, checkpoint_dir,
@@ -552,15 +553,16 @@ class _InterruptFlag:
 
 
 def run_fingerprint(*, algorithm, model, params, train, test, clients_per_round, client_fraction,
-                    seed, eval_every, plan, rounds_per_block, bucketing, system, dissimilarity,
+                    seed, eval_every, plan, bucketing, system, dissimilarity,
                     population, aggregator, sampling, attack, local=None) -> dict:
   """What a checkpoint must agree on to be resumed (JSON-normal values).
 
   Compared: the algorithm's name, local work, weighting and numeric ``hparams``; the model's name
   and the initial params (a digest); the data's client sizes and shapes; seed, cohorts, sampling,
-  evaluation period, plan, block length, bucketing, systems heterogeneity, population placement,
-  aggregator (name and ``hparams``), attack and local parameters. Optimizer objects (learning rates inside optax
-  transformations) cannot be compared and are not: the command line compares its whole config.
+  evaluation period, plan (and chunk size), bucketing, systems heterogeneity, population placement,
+  aggregator (name and ``hparams``), attack and local parameters. Optimizer objects (learning rates
+  inside optax transformations) cannot be compared and are not: the command line compares its
+  whole config.
   """
   def digest(arrays) -> str:
     h = hashlib.sha256()
@@ -586,7 +588,7 @@ def run_fingerprint(*, algorithm, model, params, train, test, clients_per_round,
       "train": data(train), "test": data(test), "seed": int(seed),
       "clients_per_round": clients_per_round, "client_fraction": client_fraction,
       "sampling": [sampling.kind, sampling.rate], "eval_every": eval_every,
-      "plan": [plan.name, plan.chunk_size], "rounds_per_block": rounds_per_block,
+      "plan": [plan.name, plan.chunk_size],
       "bucketing": bool(bucketing), "system": None if system is None else list(system),
       "dissimilarity": bool(dissimilarity), "population": population,
       "aggregator": [aggregator.name, numbers(aggregator.hparams)],

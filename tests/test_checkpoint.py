@@ -3,7 +3,6 @@ from a torn newest file, also from a state in memory) gives the uninterrupted ru
 per-client SCAFFOLD control variates and error-feedback residuals included."""
 
 import os
-import shutil
 
 import numpy as np
 import pytest

@@ -152,7 +152,7 @@ def test_median_in_the_engine_is_the_median_of_the_client_models(plan):
   init = to_numpy(fs.simulation.initial_params(model, 0))
   res = fs.simulate(fs.algorithms.fedavg(client_lr=0.3, local_epochs=2, batch_size=4,
                                          shuffle=False), model, fd, rounds=1, plan=plan,
-                    chunk_size=2, aggregator=agg.median())
+                    chunk_size=2, aggregator=agg.median(), bucketing=True)
   assert res.info["num_buckets"] == 2
   trained = [reference.local_sgd("softmax", init, x, y, 0.3, 2, 4) for x, y in zip(xs, ys)]
   want = jax.tree.map(lambda w, *ws: w + np.median(np.stack(ws) - w, axis=0), init, *trained)

@@ -42,7 +42,9 @@ def _population(sizes, seed=0, shape=(4,), num_classes=3):
 
 SIZES = [3, 5, 8, 13, 21, 6, 9, 4]  # three size buckets
 MLP = lambda: fs.models.mlp(4, (6,), 3)
-COMMON = dict(rounds=4, clients_per_round=5, seed=3, eval_every=2, rounds_per_block=3)
+# Recorded with every size group compiled (bucketing=True, the default before "auto").
+COMMON = dict(rounds=4, clients_per_round=5, seed=3, eval_every=2, rounds_per_block=3,
+              bucketing=True)
 KW = dict(client_lr=0.1, local_epochs=2, batch_size=4)
 
 
@@ -64,7 +66,7 @@ def _cases():
       "host_loop_cnn": lambda: fs.simulate(
           alg.fedavg(client_lr=0.1, batch_size=3), fs.models.cnn((4, 4, 1), 3, (2,), 4),
           _population([4, 6, 5], shape=(4, 4, 1)), rounds=2, clients_per_round=2, seed=1,
-          plan="host_loop"),
+          plan="host_loop", bucketing=True),
   }
 
 

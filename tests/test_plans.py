@@ -22,7 +22,7 @@ def setup():
 
 def _run(setup, **kw):
   fd, model, algo = setup
-  args = dict(rounds=5, clients_per_round=6, seed=3, eval_every=2)
+  args = dict(rounds=5, clients_per_round=6, seed=3, eval_every=2, bucketing=True)
   args.update(kw)
   return fs.simulate(algo, model, fd, **args)
 
@@ -57,7 +57,7 @@ def test_host_loop_and_compiled_plans_agree(case):
   xs = [rng.normal(size=(n, 4)).astype(np.float32) for n in sizes]
   ys = [rng.integers(0, 3, n).astype(np.int32) for n in sizes]
   fd, model = fs.FederatedData.from_arrays(xs, ys), fs.models.softmax_regression(4, 3)
-  args = dict(rounds=2, clients_per_round=4, seed=1)
+  args = dict(rounds=2, clients_per_round=4, seed=1, bucketing=True)
   if case == "scaffold":
     algo, compiled = fs.algorithms.scaffold(client_lr=0.1, local_epochs=2, batch_size=4), "vmap"
   elif case == "fedprox_partial":
@@ -82,6 +82,9 @@ def test_host_loop_and_compiled_plans_agree(case):
 def test_bucketing_and_block_size_do_not_change_results(setup):
   base = _run(setup)
   _assert_same(base, _run(setup, bucketing=False))
+  merged = _run(setup, bucketing="auto")  # five rounds never pay for a second bucket
+  assert base.info["num_buckets"] == 3 and merged.info["num_buckets"] == 1
+  _assert_same(base, merged)
   _assert_same(base, _run(setup, rounds_per_block=1))
   _assert_same(base, _run(setup, rounds_per_block=3))  # last block is partial
 
@@ -117,7 +120,8 @@ def test_sparse_buckets_match_one_dense_bucket():
   fd = fs.FederatedData.from_arrays(xs, ys)
   model = fs.models.softmax_regression(4, 3)
   algo = fs.algorithms.fedavg(client_lr=0.1, batch_size=4)
-  sparse = fs.simulate(algo, model, fd, rounds=3, clients_per_round=4, seed=2, chunk_size=1)
+  sparse = fs.simulate(algo, model, fd, rounds=3, clients_per_round=4, seed=2, chunk_size=1,
+                       bucketing=True)
   dense = fs.simulate(algo, model, fd, rounds=3, clients_per_round=4, seed=2, bucketing=False)
   assert sparse.info["num_buckets"] == 3
   _assert_same(sparse, dense)

@@ -45,13 +45,20 @@ class Engine(NamedTuple):
   aggregators: list  # the aggregator set up for these cohorts, per run of a sweep (else one)
 
 
+def step_flops(model, algo: Algorithm, sizes) -> float:
+  """About ``6 · parameters · batch`` FLOPs, a local step's forward and backward pass."""
+  shapes = jax.eval_shape(model.init, jax.random.key(0))
+  count = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(shapes))
+  return 6.0 * count * (algo.batch_size or int(np.max(sizes)))
+
+
 def build_engine(model, algo: Algorithm, train, plan: Plan, cohort_size: int, train_key,
                  evaluate: Callable, eval_data, bucketing: bool = True,
                  system: systems.Heterogeneity | None = None,
                  population_metrics: Callable | None = None, hparams: dict | None = None,
                  streaming: bool = False, aggregator=None, sampling: Sampling | None = None,
                  aggregator_hparams: list | None = None, attack=None,
-                 local: tuple | None = None) -> Engine:
+                 local: tuple | None = None, rounds: int | None = None) -> Engine:
   """Builds the round for one (model, algorithm, aggregator, dataset, plan), or for a sweep.
 
   A sweep (``train`` a list of datasets with the same number of clients; ``train_key``,
@@ -67,7 +74,9 @@ def build_engine(model, algo: Algorithm, train, plan: Plan, cohort_size: int, tr
     evaluate: ``fn(params, eval_data, local_clients) -> {name: scalar}``, the metrics of
       evaluated rounds (``local_clients``: the population's local parameters, or ``None``).
     eval_data: the arrays ``evaluate`` reads (passed to the compiled block as an argument).
-    bucketing: group clients by size (``False``: one bucket padded to the largest client).
+    bucketing: group clients by size (``False``: one bucket padded to the largest client;
+      ``"auto"``: size groups merged where compiling them would cost more than it saves over
+      ``rounds`` rounds, see :func:`~fedjax_sim.engine.buckets.merge_groups`).
     system: stragglers and dropouts.
     population_metrics: ``fn(params, device_data, buckets) -> {name: scalar}``, more metrics of
       evaluated rounds that read the training population (e.g. gradient dissimilarity).
@@ -97,7 +106,8 @@ def build_engine(model, algo: Algorithm, train, plan: Plan, cohort_size: int, tr
   aggregator = runs[0]
   sizes = np.stack([t.num_examples for t in train]) if sweep else train.num_examples
   buckets, bucket_of, groups = make_buckets(sizes, algo, cohort_size, plan.chunk_size, bucketing,
-                                            variable_steps=system.partial)
+                                            variable_steps=system.partial, rounds=rounds,
+                                            step_flops=step_flops(model, algo, sizes))
   spec = RoundSpec(model, algo, aggregator, buckets, num_clients, cohort_size, system, plan,
                    client_lib.shuffle_method(int(np.max(sizes))), streaming, sampling, attack,
                    local)

@@ -59,6 +59,40 @@ def size_buckets(num_examples: np.ndarray, growth: float = 2.0, max_buckets: int
     growth *= 1.5
 
 
+# The cost model of ``bucketing="auto"``, measured on the 2-core CPU in process seconds
+# (docs/design.md, "Compile time"): each size bucket compiles its own copy of the local training
+# loop, about 2 s; a client's local step costs about 4 µs plus its FLOPs at about 40 GFLOP/s.
+BUCKET_COMPILE_SECONDS = 2.0
+STEP_SECONDS = 4e-6
+FLOPS_PER_SECOND = 4e10
+
+
+def merge_groups(groups: list[np.ndarray], num_examples: np.ndarray, algo: Algorithm,
+                 cohort_size: int, rounds: int, step_flops: float) -> list[np.ndarray]:
+  """Merges adjacent size groups while a merge costs less running time than the compilation it
+  saves (``bucketing="auto"``).
+
+  A group ``g`` of ``|g|`` of the ``N`` clients gets about ``m_g = cohort · |g| / N`` cohort members
+  per round, each running as many steps as the group's largest client. Merging groups ``i < j``
+  makes group ``i``'s members run ``j``'s step count: ``rounds · m_i · (s_j − s_i)`` more client
+  steps at ``STEP_SECONDS + step_flops / FLOPS_PER_SECOND`` each, against one bucket's
+  compilation. The cheapest merge is made first, until none pays.
+  """
+  step_seconds = STEP_SECONDS + step_flops / FLOPS_PER_SECOND
+  groups = list(groups)
+  total = len(num_examples)
+  def steps(g):
+    return float(client_lib.num_local_steps(int(num_examples[g].max()), algo))
+  while len(groups) > 1:
+    costs = [rounds * cohort_size * len(a) / total * (steps(b) - steps(a)) * step_seconds
+             for a, b in zip(groups, groups[1:])]
+    i = int(np.argmin(costs))
+    if costs[i] >= BUCKET_COMPILE_SECONDS:
+      break
+    groups[i:i + 2] = [np.sort(np.concatenate(groups[i:i + 2]))]
+  return groups
+
+
 def padding_waste(num_examples: np.ndarray, groups: list[np.ndarray], algo: Algorithm) -> float:
   """Masked steps per real step when every client runs its bucket's step count (population mean)."""
   real = client_lib.num_local_steps(num_examples, algo).astype(np.float64)
@@ -69,9 +103,14 @@ def padding_waste(num_examples: np.ndarray, groups: list[np.ndarray], algo: Algo
 
 
 def make_buckets(num_examples: np.ndarray, algo: Algorithm, cohort_size: int,
-                 chunk_size: int | None, bucketing: bool = True,
-                 variable_steps: bool = False) -> tuple[list[Bucket], np.ndarray, list]:
+                 chunk_size: int | None, bucketing: bool | str = True,
+                 variable_steps: bool = False, rounds: int | None = None,
+                 step_flops: float = 0.0) -> tuple[list[Bucket], np.ndarray, list]:
   """Builds the buckets; returns ``(buckets, bucket_of_client, groups)``.
+
+  ``bucketing``: ``True`` (every size group of :func:`size_buckets`), ``False`` (one bucket), or
+  ``"auto"`` (size groups merged while that is cheaper than compiling them, for ``rounds``
+  rounds whose local steps cost ``step_flops`` each: :func:`merge_groups`; a sweep keeps them all).
 
   For a sweep (2-D sizes) a bucket is one chunk: runs in lockstep execute every chunk anyway
   (under vmap over runs, ``lax.cond`` runs both branches), so splitting a bucket into chunks
@@ -85,6 +124,8 @@ def make_buckets(num_examples: np.ndarray, algo: Algorithm, cohort_size: int,
   num_clients = sizes.shape[1]
   flat = sizes.reshape(-1)
   groups = size_buckets(flat) if bucketing else [np.arange(flat.size)]
+  if bucketing == "auto" and sizes.shape[0] == 1 and rounds is not None:
+    groups = merge_groups(groups, flat, algo, cohort_size, rounds, step_flops)
   bucket_of = np.zeros(flat.size, np.int32)
   for b, g in enumerate(groups):
     bucket_of[g] = b

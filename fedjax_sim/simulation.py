@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import signal
 import threading
 import time
@@ -289,6 +290,44 @@ def epsilon_of(aggregator, sampling, cohort_size: int, num_clients: int):
   return spent
 
 
+def memory_budget() -> int | None:
+  """Bytes the default device can hold: its allocator's limit where the backend reports one
+  (GPU, TPU), else the machine's physical memory (CPU); ``None`` when neither is known."""
+  stats = jax.devices()[0].memory_stats() or {}
+  if "bytes_limit" in stats:
+    return int(stats["bytes_limit"])
+  try:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+  except (ValueError, OSError, AttributeError):
+    return None
+
+
+def collect_bytes(engine, params, runs: int = 1) -> int:
+  """Memory of a collect aggregator's buffer: every cohort slot's update (``[slots, update]``
+  float32, per run); 0 for stream aggregators, which never hold the cohort's updates."""
+  spec = engine.spec
+  if not spec.collect:
+    return 0
+  template = jax.eval_shape(lambda p: engine_lib.round_step.update_template(spec, p), params)
+  size = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(template))
+  return runs * spec.slot_offsets[-1] * size
+
+
+def check_collect_memory(engine, params, runs: int = 1, budget: int | None = None) -> int:
+  """:func:`collect_bytes`, refused when over half of :func:`memory_budget` (the round also
+  needs the population, the chunk's training and the aggregator's own work space)."""
+  need = collect_bytes(engine, params, runs)
+  budget = memory_budget() if budget is None else budget
+  if need and budget and need > budget // 2:
+    raise ValueError(
+        f"aggregator {engine.spec.aggregator.name!r} holds every cohort update at once: "
+        f"{engine.spec.slot_offsets[-1]} slots × {need // (runs * engine.spec.slot_offsets[-1])} "
+        f"bytes{f' × {runs} runs' if runs > 1 else ''} = {need:,} bytes, more than half of the "
+        f"device's {budget:,}; use fewer clients per round or a streaming aggregator (mean, "
+        "clip, dp_mean)")
+  return need
+
+
 def derived_columns(engine, params, epsilon, cohort_size: int):
   """``fn(round, row) -> dict``: the history columns computed on the host from a round's row:
   ``epsilon`` (DP runs) and the round's traffic ``bytes_up`` / ``bytes_down``."""
@@ -457,6 +496,7 @@ def simulate(algorithm: Algorithm, model: Model, train: FederatedData, rounds: i
                                   local=local, rounds=rounds)
   columns = derived_columns(engine, params, epsilon_of(engine.spec.aggregator, how, cohort_size,
                                                        train.num_clients), cohort_size)
+  collect = check_collect_memory(engine, params)
   dp = privacy_of(engine.spec.aggregator, how, cohort_size, train.num_clients)
   info = {
       "plan": chosen.name, "chunk_size": chosen.chunk_size, "unroll": chosen.unroll,
@@ -466,7 +506,7 @@ def simulate(algorithm: Algorithm, model: Model, train: FederatedData, rounds: i
       "expected_clients": how.rate * train.num_clients if how.kind == "poisson" else cohort_size,
       "overflow_rounds": [], **({"privacy": dp} if dp else {}),
       "backend": backend, "cohort_size": cohort_size, "rounds_per_block": block_len,
-      "num_buckets": len(engine.buckets),
+      "num_buckets": len(engine.buckets), "collect_bytes": collect,
       "bucket_max_examples": [b.shape.max_examples for b in engine.buckets],
       "padding_waste": engine_lib.padding_waste(train.num_examples, engine.groups, algorithm),
       "padding_waste_unbucketed": engine_lib.padding_waste(

@@ -125,6 +125,7 @@ def simulate_sweep(algorithm: Algorithm, model: Model, trains, seeds: Sequence[i
   columns = [sim.derived_columns(engine, params[0], sim.epsilon_of(a, how, cohort_size,
                                                                     num_clients), cohort_size)
              for a in engine.aggregators]
+  collect = sim.check_collect_memory(engine, params[0], runs)
 
   histories = [{"round": []} for _ in range(runs)]
   diverged: list[int | None] = [None] * runs
@@ -152,7 +153,7 @@ def simulate_sweep(algorithm: Algorithm, model: Model, trains, seeds: Sequence[i
           "aggregator": engine.spec.aggregator.name, "sampling": how.kind,
           "attack": None if attack is None else attack.name,
           "cohort_size": cohort_size, "rounds_per_block": block_len,
-          "num_buckets": len(engine.buckets),
+          "num_buckets": len(engine.buckets), "collect_bytes": collect,
           "bucket_max_examples": [b.shape.max_examples for b in engine.buckets],
           "seconds": time.perf_counter() - start, "block_seconds": block_seconds,
           "compilations": sim.compilations(engine)}

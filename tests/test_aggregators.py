@@ -157,6 +157,17 @@ def test_median_in_the_engine_is_the_median_of_the_client_models(plan):
   trained = [reference.local_sgd("softmax", init, x, y, 0.3, 2, 4) for x, y in zip(xs, ys)]
   want = jax.tree.map(lambda w, *ws: w + np.median(np.stack(ws) - w, axis=0), init, *trained)
   assert_close(res.params, want)
+  # The collect buffer: 8 slots (4 + 4 in chunks of two) × 18 float32 parameters.
+  slots = sum(-(-n // 2) * 2 for n in (4, 3))
+  assert res.info["collect_bytes"] == slots * 18 * 4
+
+
+def test_a_collect_buffer_larger_than_the_device_is_refused(population, monkeypatch):
+  fd, model = population
+  monkeypatch.setattr(fs.simulation, "memory_budget", lambda: 400)  # 4 slots × 72 bytes > 200
+  with pytest.raises(ValueError, match=r"'median' holds every cohort update at once: 4 slots × 72 bytes = 288 bytes"):
+    fs.simulate(fs.algorithms.fedavg(), model, fd, rounds=1, clients_per_round=4,
+                aggregator=agg.median())
 
 
 def test_median_in_sweeps_and_streamed_populations_matches_simulate(population):

@@ -2,6 +2,7 @@
 
 import jax
 import numpy as np
+import optax
 import pytest
 
 import fedjax_sim as fs
@@ -48,10 +49,25 @@ def _assert_same_state(a, b, tol=1e-5):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("case", ["scaffold", "fedprox_partial", "cnn"])
+HOST_LOOP_CASES = {  # case: the algorithm it runs (every hook of every registered one is covered)
+    "scaffold": "scaffold", "fedprox_partial": "fedprox", "cnn": "fedavg",
+    "local_sgd_adaptive": "local_sgd_adaptive", "moon": "moon", "fedadam_fedbn": "fedadam"}
+
+
+def test_host_loop_cases_cover_every_hook_of_every_algorithm():
+  hooks = lambda name: {h for h in fs.algorithms.Hooks._fields
+                        if getattr(fs.algorithms.REGISTRY[name]().hooks, h) is not None}
+  covered = set().union(*(hooks(a) for a in HOST_LOOP_CASES.values())) | {"update_scale"}
+  for name in fs.algorithms.REGISTRY:
+    assert hooks(name) <= covered, (name, hooks(name) - covered)
+
+
+@pytest.mark.parametrize("case", list(HOST_LOOP_CASES))
 def test_host_loop_and_compiled_plans_agree(case):
   """The Python-driven round and the compiled one, for per-client state (SCAFFOLD's c_i are
-  written back by both), partial stragglers with a proximal term, and a convolutional model."""
+  written back by both), partial stragglers with a proximal term, a convolutional model, a
+  Local-SGD schedule in the server state, MOON's own local loss, and FedAdam with a per-round
+  client schedule (update_scale) on a model with dropout and local batch normalization."""
   rng = np.random.default_rng(2)
   sizes = [4, 6, 3, 7, 5, 9]  # two size buckets
   xs = [rng.normal(size=(n, 4)).astype(np.float32) for n in sizes]
@@ -64,6 +80,18 @@ def test_host_loop_and_compiled_plans_agree(case):
     algo, compiled = fs.algorithms.fedprox(mu=0.5, client_lr=0.1, local_epochs=3,
                                            batch_size=4), "chunked"
     args["system"] = fs.Heterogeneity(0.6, "partial")
+  elif case == "local_sgd_adaptive":
+    algo, compiled = fs.algorithms.local_sgd_adaptive(client_lr=0.1, max_local_steps=4,
+                                                      batch_size=2), "chunked"
+    args["rounds"] = 3
+  elif case == "moon":
+    algo, compiled = fs.algorithms.moon(client_lr=0.1, batch_size=4), "chunked"
+  elif case == "fedadam_fedbn":
+    from tests.test_data_models import _DropoutBN
+    model = fs.models.from_linen(_DropoutBN.module(), xs[0], "multiclass")
+    algo = fs.algorithms.fedadam(server_lr=0.05, client_lr=optax.linear_schedule(0.2, 0.05, 2),
+                                 client_lr_per="round", batch_size=4)
+    compiled, args["local_params"] = "chunked", "batch_norm"
   else:
     xs = [rng.normal(size=(n, 4, 4, 1)).astype(np.float32) for n in (4, 5, 3)]
     ys = [rng.integers(0, 3, len(x)).astype(np.int32) for x in xs]
@@ -75,8 +103,10 @@ def test_host_loop_and_compiled_plans_agree(case):
   other = fs.simulate(algo, model, fd, plan=compiled, chunk_size=2, **args)
   assert loop.info["plan"] == "host_loop" and other.info["plan"] == compiled
   _assert_same_state(loop, other)
-  if case == "scaffold":  # the per-client states really moved
+  if case in ("scaffold", "moon"):  # the per-client states really moved
     assert np.abs(np.asarray(jax.tree.leaves(loop.state.client_states)[0])).max() > 1e-4
+  if case == "local_sgd_adaptive":
+    assert loop.history["local_steps"] == other.history["local_steps"]
 
 
 def test_bucketing_and_block_size_do_not_change_results(setup):

@@ -186,6 +186,25 @@ def test_size_buckets_bound_padding():
       sizes, [np.arange(len(sizes))], algo)
 
 
+def test_auto_bucketing_merges_groups_that_do_not_pay_for_their_compilation():
+  """A short run compiles one bucket; a long one keeps the groups whose smaller clients would
+  otherwise run many padded steps, merging only where the saving is below one compilation."""
+  from fedjax_sim.engine import buckets
+  sizes = np.random.default_rng(0).integers(8, 800, 2000)
+  algo = fs.algorithms.fedavg(batch_size=8)
+  groups = fs.engine.size_buckets(sizes)
+  merge = lambda rounds, flops=0.0: buckets.merge_groups(groups, sizes, algo, 200, rounds, flops)
+  assert len(groups) > 3 and len(merge(5)) == 1
+  long = merge(2000)
+  assert 1 < len(long) < len(groups)
+  assert len(merge(2000, flops=1e7)) > len(long)  # costlier steps keep more buckets
+  steps = lambda g: -(-sizes[g].max() // 8)
+  for a, b in zip(long, long[1:]):  # every kept split saves more than a compilation
+    saved = 2000 * 200 * len(a) / len(sizes) * (steps(b) - steps(a)) * buckets.STEP_SECONDS
+    assert saved >= buckets.BUCKET_COMPILE_SECONDS
+  assert sorted(np.concatenate(long).tolist()) == list(range(len(sizes)))
+
+
 def test_local_steps_cycle_through_in_order_epochs():
   """H = 5 steps of B = 3 on clients of 4 and 7 examples: batches wrap into the next epoch."""
   xs, ys = _classification_clients([4, 7])

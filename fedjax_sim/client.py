@@ -21,7 +21,7 @@ import numpy as np
 import optax
 from jax import lax
 
-from fedjax_sim.algorithms import Algorithm, ClientContext
+from fedjax_sim.algorithms import Algorithm, ClientContext, optimizer_update
 
 
 class BucketShape(NamedTuple):
@@ -210,7 +210,8 @@ def local_step(model, algo: Algorithm, shape: BucketShape, x_all: jax.Array, y_a
     grads = jax.grad(model.loss)(w, x, y, real)
   if hooks.gradient is not None:
     grads = hooks.gradient(grads, w, context)
-  updates, new_opt_state = algo.client_optimizer.update(grads, opt_state, w)
+  updates, new_opt_state = optimizer_update(algo.client_optimizer, grads, opt_state, w,
+                                            context.hparams)
   if hooks.update_scale is not None:
     scale = hooks.update_scale(context.round)
     updates = jax.tree.map(lambda u: (u * scale).astype(u.dtype), updates)

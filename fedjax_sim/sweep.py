@@ -8,8 +8,10 @@ compile once and advance in lockstep; a round costs about what the slowest run's
 
 Every run ``i`` reproduces ``simulate(algorithm with hparams[i], model, trains[i],
 seed=seeds[i], ...)`` (same cohorts, shuffles and stragglers; floats agree up to reassociation).
-Numeric hyperparameters that the algorithm reads from ``context.hparams`` (e.g. FedProx's ``mu``)
-can differ per run; everything else (model, optimizers, schedule, cohort size) is shared.
+The algorithm's numeric hyperparameters (:attr:`~fedjax_sim.algorithms.Algorithm.hparams`: those
+the hooks read, e.g. FedProx's ``mu``, and those of the factories' default optimizers, e.g.
+``client_lr``, ``server_lr``, ``momentum``, ``beta1``, ``tau``) can differ per run; everything else
+(model, schedule, cohort size, user-supplied optimizers) is shared.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from fedjax_sim import metrics as metrics_lib
 from fedjax_sim import engine as engine_lib
 from fedjax_sim import simulation as sim
 from fedjax_sim import systems
-from fedjax_sim.algorithms import Algorithm
+from fedjax_sim.algorithms import Algorithm, run_hparams
 from fedjax_sim.models import Model
 
 
@@ -35,6 +37,25 @@ def _per_run(name: str, value, runs: int) -> list:
       raise ValueError(f"{name} has {len(value)} entries for {runs} runs")
     return list(value)
   return [value] * runs
+
+
+def check_hparams(algorithm: Algorithm, overrides: dict, where: str = "hparams") -> None:
+  """Raises ValueError naming any key of ``overrides`` that is not one of the algorithm's
+  hyperparameters held as data, or whose value is not a finite number."""
+  import math
+  for key, value in overrides.items():
+    if key not in algorithm.hparams:
+      raise ValueError(
+          f"{where} sets {key!r}, which {algorithm.name!r} does not hold as data; its sweepable "
+          f"hyperparameters: {', '.join(sorted(algorithm.hparams)) or 'none'}. (A schedule, a "
+          f"given client_optimizer/server_optimizer, convention='optax' betas and a momentum of 0 "
+          f"are part of the compiled program: set those in the algorithm's factory.)")
+    try:
+      number = float(value)
+    except (TypeError, ValueError):
+      number = math.nan
+    if isinstance(value, (bool, str)) or not math.isfinite(number):
+      raise ValueError(f"{where}[{key!r}] must be a finite number, got {value!r}")
 
 
 def simulate_sweep(algorithm: Algorithm, model: Model, trains, seeds: Sequence[int],
@@ -53,7 +74,8 @@ def simulate_sweep(algorithm: Algorithm, model: Model, trains, seeds: Sequence[i
     trains: one :class:`FederatedData` per run (or one for all); all with the same number of
       clients and feature shape.
     seeds: one seed per run (initial model, cohorts, shuffles, stragglers).
-    hparams: per run, a dict overriding some of ``algorithm.hparams`` (e.g. ``{"mu": 1.0}``).
+    hparams: per run, a dict overriding some of ``algorithm.hparams`` (e.g. ``{"mu": 1.0}`` or
+      ``{"client_lr": 0.03}``); a key the algorithm does not hold as data is refused by name.
     tests: held-out data per run (or one for all, or ``None``).
     rounds, clients_per_round, client_fraction, eval_every, plan, chunk_size, rounds_per_block,
     bucketing, system, dissimilarity, aggregator, sampling, attack: as in
@@ -76,10 +98,7 @@ def simulate_sweep(algorithm: Algorithm, model: Model, trains, seeds: Sequence[i
   agg_overrides = _per_run("aggregator_hparams",
                            aggregator_hparams if aggregator_hparams is not None else {}, runs)
   for i, h in enumerate(overrides):
-    unknown = set(h) - set(algorithm.hparams)
-    if unknown:
-      raise ValueError(f"hparams[{i}] sets {sorted(unknown)}, which {algorithm.name!r} does not have "
-                       f"(its hyperparameters: {sorted(algorithm.hparams) or 'none'})")
+    check_hparams(algorithm, h, f"hparams[{i}]")
   shapes = []
   for i, (train, test, seed) in enumerate(zip(trains, tests, seeds)):
     shapes.append(sim.check_arguments(algorithm, model, train, test, rounds, clients_per_round,
@@ -114,12 +133,13 @@ def simulate_sweep(algorithm: Algorithm, model: Model, trains, seeds: Sequence[i
   stack = lambda trees: jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
   eval_data = [stack([metrics_lib.eval_arrays(d, r) for d in data]) for data, r in zip(sets, rows)]
   keys = jnp.stack([jax.random.fold_in(jax.random.key(int(s)), sim.STREAM_TRAIN) for s in seeds])
-  run_hparams = {k: jnp.asarray([float(h.get(k, v)) for h in overrides], jnp.float32)
-                 for k, v in algorithm.hparams.items()}
+  swept = set().union(*overrides)
+  values = [run_hparams(algorithm, h, swept) for h in overrides]
+  stacked_hparams = {k: jnp.asarray([v[k] for v in values], jnp.float32) for k in values[0]}
   engine = engine_lib.build_engine(model, algorithm, trains, chosen, cohort_size, keys, evaluate,
                                   eval_data, bucketing, system,
                                   metrics_lib.gradient_dissimilarity(model) if dissimilarity else None,
-                                  hparams=run_hparams, aggregator=aggregator, sampling=how,
+                                  hparams=stacked_hparams, aggregator=aggregator, sampling=how,
                                   aggregator_hparams=agg_overrides, attack=attack)
   num_clients = trains[0].num_clients
   columns = [sim.derived_columns(engine, params[0], sim.epsilon_of(a, how, cohort_size,

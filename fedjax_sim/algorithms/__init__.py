@@ -4,7 +4,8 @@ One module per algorithm; each cites its paper and states its update rule.
 """
 
 from fedjax_sim.algorithms._base import (Algorithm, ClientContext, ClientOutput, Hooks,
-                                         RoundSummary)
+                                         HparamTransformation, RoundSummary, hparam_optimizer,
+                                         optimizer_update, run_hparams)
 from fedjax_sim.algorithms.fedavg import fedavg, fedsgd
 from fedjax_sim.algorithms.fednova import fednova
 from fedjax_sim.algorithms.fedopt import fedadagrad, fedadam, fedavgm, fedyogi, reddi_adaptive
@@ -30,5 +31,6 @@ REGISTRY = {
     "moon": moon,
 }
 
-__all__ = ["Algorithm", "ClientContext", "ClientOutput", "Hooks", "REGISTRY", "RoundSummary",
-           *REGISTRY, "reddi_adaptive"]
+__all__ = ["Algorithm", "ClientContext", "ClientOutput", "Hooks", "HparamTransformation",
+           "REGISTRY", "RoundSummary", *REGISTRY, "hparam_optimizer", "optimizer_update",
+           "reddi_adaptive", "run_hparams"]

@@ -123,7 +123,19 @@ class Algorithm(NamedTuple):
     shuffle: reshuffle each client's examples every epoch; ``False`` keeps them in order.
     weighting: ``"num_examples"`` (weights ``n_k``) or ``"uniform"`` for the server average.
     hooks: how the algorithm departs from FedAvg (see :class:`Hooks`).
-    hparams: numeric hyperparameters the hooks read from ``context.hparams`` (e.g. ``{"mu": 0.1}``).
+    hparams: numeric hyperparameters, passed to the compiled round as data (so a sweep can give
+      each run its own, see :func:`fedjax_sim.simulate_sweep`): those the hooks read from
+      ``context.hparams`` (e.g. ``{"mu": 0.1}``) and those of the default optimizers
+      (``client_lr``, ``server_lr``, ``momentum``, ``beta1``, ``tau``, ...; see
+      :func:`hparam_optimizer`).
+    constant_hparams: the keys of ``hparams`` that are compile-time constants unless a sweep
+      varies them (the default optimizers' ``client_lr``, ``server_lr``, ``beta1``, ...): their
+      consumers (:func:`hparam_optimizer`, hooks reading ``context.hparams.get(key, value)``) fall
+      back to the factory's value when the key is absent, so a single run compiles exactly the
+      program it would with the value written in. Other keys (``mu``) are always data.
+    derived: ``fn(hparams) -> dict``, run on the host in double precision when a sweep makes
+      hyperparameters data: quantities such as ``1 − β1`` that a factory computes in Python, so
+      that their float32 roundings are the constants it writes into the program. ``None``: none.
   """
   name: str
   client_optimizer: optax.GradientTransformation
@@ -135,6 +147,8 @@ class Algorithm(NamedTuple):
   weighting: str = "num_examples"
   hooks: Hooks = Hooks()
   hparams: dict = {}
+  constant_hparams: frozenset = frozenset()
+  derived: Callable | None = None
 
 
 def check_optimizer(name: str, opt):
@@ -155,3 +169,62 @@ def learning_rate(name: str, value):
     return value
   from fedjax_sim._checks import positive_float
   return positive_float(name, value)
+
+
+class HparamTransformation(optax.GradientTransformationExtraArgs):
+  """An optax transformation whose float hyperparameters are data (see :func:`hparam_optimizer`).
+
+  ``update(updates, state, params, hparams=run_hparams)`` uses the run's values; without
+  ``hparams`` it is the transformation the factory's values built.
+  """
+  __slots__ = ()
+
+
+def hparam_optimizer(factory: Callable[..., optax.GradientTransformation], keys: dict,
+                     **args) -> HparamTransformation:
+  """``factory(**args)`` with the float arguments named in ``keys`` read from the run's hparams.
+
+  ``keys`` maps an argument of ``factory`` to the hyperparameter that feeds it, e.g.
+  ``hparam_optimizer(optax.sgd, {"learning_rate": "client_lr"}, learning_rate=0.1)``. At every
+  update the transformation is rebuilt from ``factory(**args)`` with each such argument replaced by
+  ``hparams[key]`` (a traced float32 scalar; a key missing from ``hparams`` keeps its value in
+  ``args``, a constant of the program, see :attr:`Algorithm.constant_hparams`), then applied to
+  the state. Unlike ``optax.inject_hyperparams`` the values are not
+  stored in the state, so the state's tree (and every checkpoint and golden run recorded from it)
+  stays that of ``factory(**args)``; the factory must build a state whose tree does not depend on
+  the values. Arguments that are ``None`` or callables (schedules) stay fixed.
+  """
+  data = {arg: key for arg, key in keys.items()
+          if args.get(arg) is not None and not callable(args[arg])}
+  base = factory(**args)
+
+  def update(updates, state, params=None, *, hparams=None, **extra_args):
+    del extra_args
+    if not hparams:
+      return base.update(updates, state, params)
+    values = {arg: hparams.get(key, args[arg]) for arg, key in data.items()}
+    return factory(**{**args, **values}).update(updates, state, params)
+
+  return HparamTransformation(base.init, update)
+
+
+def optimizer_update(optimizer: optax.GradientTransformation, updates, state, params, hparams):
+  """``optimizer.update``, with the run's ``hparams`` for an :class:`HparamTransformation` (the
+  engine's one call for the client and the server optimizer)."""
+  if isinstance(optimizer, HparamTransformation):
+    return optimizer.update(updates, state, params, hparams=hparams)
+  return optimizer.update(updates, state, params)
+
+
+def run_hparams(algo: Algorithm, overrides: dict | None = None, swept=()) -> dict:
+  """The hyperparameters one run passes to the compiled round as data, as Python floats.
+
+  ``algo.hparams`` updated by ``overrides``, less the :attr:`Algorithm.constant_hparams` that are
+  not in ``swept`` (the keys some run of the sweep sets), plus, when anything is swept, the
+  quantities :attr:`Algorithm.derived` computes from the run's values.
+  """
+  values = {k: float(v) for k, v in {**algo.hparams, **(overrides or {})}.items()}
+  data = {k: v for k, v in values.items() if k not in algo.constant_hparams or k in swept}
+  if swept and algo.derived is not None:
+    data.update({k: float(v) for k, v in algo.derived(dict(values)).items()})
+  return data

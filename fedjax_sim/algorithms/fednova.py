@@ -17,7 +17,7 @@ import optax
 
 from fedjax_sim._checks import fraction, non_negative_float, positive_float
 from fedjax_sim.algorithms._base import Algorithm, Hooks
-from fedjax_sim.algorithms.fedavg import fedavg
+from fedjax_sim.algorithms.fedavg import fedavg, sgd_optimizer
 from fedjax_sim.algorithms.fedprox import proximal_gradient
 
 
@@ -25,12 +25,20 @@ def aggregation_norm(num_steps, client_lr: float, momentum: float = 0.0, mu: flo
   """``a_k``: the ℓ1 norm of the local aggregation vector after ``num_steps`` steps."""
   tau = jnp.asarray(num_steps, jnp.float32)
   if momentum > 0:
-    rho = momentum
-    return (tau - rho * (1 - rho ** tau) / (1 - rho)) / (1 - rho)
+    return momentum_norm(tau, momentum, 1 - momentum)
   if mu > 0:
-    shrink = 1.0 - client_lr * mu
-    return (1 - shrink ** tau) / (client_lr * mu)
+    return proximal_norm(tau, client_lr * mu, 1.0 - client_lr * mu)
   return tau
+
+
+def momentum_norm(tau, rho, one_minus_rho):
+  """``[τ − ρ(1 − ρ^τ)/(1 − ρ)] / (1 − ρ)`` (``1 − ρ`` given, rounded from double precision)."""
+  return (tau - rho * (1 - rho ** tau) / one_minus_rho) / one_minus_rho
+
+
+def proximal_norm(tau, lr_mu, shrink):
+  """``[1 − (1 − ημ)^τ] / (ημ)`` with ``ημ`` and ``shrink = 1 − ημ`` given."""
+  return (1 - shrink ** tau) / lr_mu
 
 
 def fednova(client_lr: float = 0.1, momentum: float = 0.0, mu: float = 0.0,
@@ -41,19 +49,39 @@ def fednova(client_lr: float = 0.1, momentum: float = 0.0, mu: float = 0.0,
     client_lr: ``η`` of the clients' SGD.
     momentum: client SGD momentum ``ρ ∈ [0, 1)``.
     mu: optional FedProx term ``μ ≥ 0`` (not together with momentum).
-    server_optimizer: applied to ``−Δ`` (default SGD of step 1).
+    server_optimizer: applied to ``−Δ`` (default SGD of step ``server_lr``, see :func:`fedavg`).
     **kwargs: the local schedule, as in :func:`fedavg` (``local_epochs``, ``batch_size``, ...).
+
+  ``client_lr``, and ``momentum`` or ``mu`` when > 0, are data (:attr:`Algorithm.hparams`): a
+  sweep can vary them (a swept value of 0 keeps the ``> 0`` program, whose limit it is).
   """
   client_lr = positive_float("client_lr", client_lr)
   momentum = fraction("momentum", momentum, closed_top=False)
   mu = non_negative_float("mu", mu)
   if momentum > 0 and mu > 0:
     raise ValueError(f"fednova takes momentum or mu, not both (got momentum={momentum}, mu={mu})")
-  optimizer = optax.sgd(client_lr, momentum=momentum or None)
+  hparams = {}
+  optimizer = sgd_optimizer("client_lr", client_lr, hparams, "momentum", momentum)
   base = fedavg(client_optimizer=optimizer, server_optimizer=server_optimizer, **kwargs)
 
+  def derived(h):  # what aggregation_norm computes in Python, from the run's values
+    if momentum > 0:
+      return {"1-momentum": 1 - h.get("momentum", momentum)}
+    if mu > 0:
+      lr_mu = h.get("client_lr", client_lr) * h.get("mu", mu)
+      return {"client_lr*mu": lr_mu, "1-client_lr*mu": 1.0 - lr_mu}
+    return {}
+
   def client_result(out):
-    a = aggregation_norm(out.num_steps, client_lr, momentum, mu)
+    hp = out.context.hparams
+    tau = jnp.asarray(out.num_steps, jnp.float32)
+    if momentum > 0:  # constants unless swept (Algorithm.constant_hparams, derived)
+      a = momentum_norm(tau, hp.get("momentum", momentum), hp.get("1-momentum", 1 - momentum))
+    elif mu > 0:
+      a = proximal_norm(tau, hp.get("client_lr*mu", client_lr * mu),
+                        hp.get("1-client_lr*mu", 1.0 - client_lr * mu))
+    else:
+      a = tau
     a = jnp.maximum(a, 1e-12)
     normalized = jax.tree.map(lambda y, x: (y - x).astype(jnp.float32) / a, out.params,
                               out.context.global_params)
@@ -65,4 +93,8 @@ def fednova(client_lr: float = 0.1, momentum: float = 0.0, mu: float = 0.0,
 
   hooks = Hooks(client_result=client_result, server_update=server_update,
                 gradient=proximal_gradient if mu > 0 else None)
-  return base._replace(name="fednova", hooks=hooks, hparams={"mu": mu} if mu > 0 else {})
+  if mu > 0:
+    hparams["mu"] = mu
+  return base._replace(name="fednova", hooks=hooks, hparams={**base.hparams, **hparams},
+                       constant_hparams=base.constant_hparams | (set(hparams) - {"mu"}),
+                       derived=derived)

@@ -33,4 +33,4 @@ def fedprox(mu: float = 0.01, **kwargs):
   """
   algo = fedavg(**kwargs)
   return algo._replace(name="fedprox", hooks=Hooks(gradient=proximal_gradient),
-                       hparams={"mu": non_negative_float("mu", mu)})
+                       hparams={**algo.hparams, "mu": non_negative_float("mu", mu)})

@@ -67,4 +67,4 @@ def moon(client_lr=0.1, mu: float = 1.0, temperature: float = 0.5, **kwargs) -> 
       init_client_state=lambda params: params,  # the previous local model, at first the initial one
       client_extra=lambda server_extra, previous: previous,
       client_result=lambda out: (None, out.params))
-  return base._replace(name="moon", hooks=hooks, hparams={"mu": mu})
+  return base._replace(name="moon", hooks=hooks, hparams={**base.hparams, "mu": mu})

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from fedjax_sim._checks import positive_float
 from fedjax_sim.algorithms._base import Algorithm, Hooks
@@ -34,7 +33,8 @@ def scaffold(client_lr: float = 0.1, server_lr: float = 1.0, option: str = "II",
   """SCAFFOLD with client SGD of step ``η_l = client_lr`` and server step ``η_g = server_lr``.
 
   Args:
-    client_lr: ``η_l`` (a float: option II divides by it).
+    client_lr: ``η_l`` (a float: option II divides by it; data, like ``server_lr``: a sweep can
+      vary both).
     server_lr: ``η_g``.
     option: ``"I"`` (control variate = full local gradient at ``x``, one extra pass over the
       client's data) or ``"II"`` (from the local progress, no extra pass).
@@ -45,7 +45,7 @@ def scaffold(client_lr: float = 0.1, server_lr: float = 1.0, option: str = "II",
   client_lr = positive_float("client_lr", client_lr)
   base = fedavg(client_lr=client_lr, local_epochs=local_epochs, batch_size=batch_size,
                 local_steps=local_steps, shuffle=shuffle, weighting="uniform",
-                server_optimizer=optax.sgd(positive_float("server_lr", server_lr)))
+                server_lr=positive_float("server_lr", server_lr))
   zeros = lambda params: jax.tree.map(jnp.zeros_like, params)
 
   def corrected(grads, params, context):  # g − c_i + c, with context.extra = c − c_i
@@ -56,7 +56,8 @@ def scaffold(client_lr: float = 0.1, server_lr: float = 1.0, option: str = "II",
     if option == "I":
       new_c_i = out.full_gradient(out.context.global_params)
     else:  # c_i − c + (x − y)/(K η_l), and c − c_i = context.extra
-      scale = 1.0 / (jnp.maximum(out.num_steps, 1).astype(jnp.float32) * client_lr)
+      lr = out.context.hparams.get("client_lr", client_lr)
+      scale = 1.0 / (jnp.maximum(out.num_steps, 1).astype(jnp.float32) * lr)
       new_c_i = jax.tree.map(lambda e, x, y: -e + (x - y) * scale, out.context.extra,
                              out.context.global_params, out.params)
     new_c_i = jax.tree.map(lambda n, o: n.astype(o.dtype), new_c_i, c_i)

@@ -23,7 +23,7 @@ import numpy as np
 from fedjax_sim import aggregators as aggregators_lib
 from fedjax_sim import client as client_lib
 from fedjax_sim import systems
-from fedjax_sim.algorithms import Algorithm
+from fedjax_sim.algorithms import Algorithm, run_hparams
 from fedjax_sim.engine.buckets import Bucket, make_buckets, padding_waste, size_buckets
 from fedjax_sim.engine.cohort import (RoundKeys, Sampling, poisson_capacity, round_keys,
                                      sample_cohort)
@@ -112,7 +112,7 @@ def build_engine(model, algo: Algorithm, train, plan: Plan, cohort_size: int, tr
                    client_lib.shuffle_method(int(np.max(sizes))), streaming, sampling, attack,
                    local)
   hparams = {k: jnp.asarray(v, jnp.float32)
-             for k, v in (algo.hparams if hparams is None else hparams).items()}
+             for k, v in (run_hparams(algo) if hparams is None else hparams).items()}
   if plan.name == "host_loop":
     run_block, init_state = host_loop.build(spec, device_data(train, bucket_of), train_key,
                                             evaluate, eval_data, population_metrics, hparams)

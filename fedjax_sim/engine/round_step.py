@@ -21,7 +21,8 @@ from fedjax_sim import attacks
 from fedjax_sim import client as client_lib
 from fedjax_sim import personal
 from fedjax_sim.aggregators import StreamSums, weighted_sums
-from fedjax_sim.algorithms import ClientContext, ClientOutput, RoundSummary
+from fedjax_sim.algorithms import (ClientContext, ClientOutput, RoundSummary, optimizer_update,
+                                   run_hparams)
 
 ROUND_STATS = ("drift", "update_norm_mean", "update_norm_max", "participants")
 ATTACK_STATS = ("attackers",)
@@ -324,7 +325,8 @@ def server_step(spec, state: ServerState, sums: RoundSums, collected: Collected 
   else:
     delta, extra = algo.hooks.server_update(summary, hp, state.extra)
   pseudo_grad = jax.tree.map(lambda g, p: (-g).astype(p.dtype), delta, state.params)
-  updates, opt_state = algo.server_optimizer.update(pseudo_grad, state.opt_state, state.params)
+  updates, opt_state = optimizer_update(algo.server_optimizer, pseudo_grad, state.opt_state,
+                                        state.params, hp)
   new_params = optax.apply_updates(state.params, updates)
   if spec.model.state_collections:  # batch statistics: the aggregate, not an optimizer step
     new_params = {**new_params, **{c: jax.tree.map(jnp.add, state.params[c], aggregate["delta"][c])
@@ -365,7 +367,7 @@ def update_template(spec, params):
   def message():
     extra = None if hooks.init_server_extra is None else hooks.init_server_extra(params)
     client_state = None if hooks.init_client_state is None else hooks.init_client_state(params)
-    hp = {k: jnp.float32(v) for k, v in spec.algo.hparams.items()}
+    hp = {k: jnp.float32(v) for k, v in run_hparams(spec.algo).items()}
     context = ClientContext(params, jnp.int32(1), hp, None if hooks.client_extra is None
                             else hooks.client_extra(extra, client_state))
     out = ClientOutput(context, params, jnp.int32(1), jnp.int32(1), client_state, lambda p: p)

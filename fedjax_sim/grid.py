@@ -217,9 +217,10 @@ def plot_comparison(points: list[Point], results: list, path: str) -> None:
   axes[0, 0].set_xlabel("round"); axes[0, 0].set_ylabel("train_loss")
   if acc:
     axes[0, 1].set_xlabel("round"); axes[0, 1].set_ylabel(acc)
-  axes[0, -1].legend(fontsize="small")
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  handles, labels = axes[0, 0].get_legend_handles_labels()
+  fig.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small")
+  fig.savefig(path, dpi=100, bbox_inches="tight")
   plt.close(fig)
 
 

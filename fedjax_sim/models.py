@@ -61,10 +61,11 @@ class Model(NamedTuple):
 
   def per_example_loss(self, params: Params, x: jax.Array, y: jax.Array) -> jax.Array:
     """Loss of each example, shape ``[batch]``."""
-    out = self.apply(params, x)
-    if self.loss_fn is not None:
-      return self.loss_fn(out, y)
-    return loss_from_outputs(self.task, out, y)
+    return self._losses(self.apply(params, x), y)
+
+  def _losses(self, out: jax.Array, y: jax.Array) -> jax.Array:
+    return self.loss_fn(out, y) if self.loss_fn is not None else loss_from_outputs(
+        self.task, out, y)
 
   def train_loss(self, params: Params, x: jax.Array, y: jax.Array, mask: jax.Array, *,
                  key: jax.Array):
@@ -73,10 +74,7 @@ class Model(NamedTuple):
     if self.train_apply is None:
       return self.loss(params, x, y, mask), {}
     out, updated = self.train_apply(params, x, key=key, mask=mask)
-    losses = self.loss_fn(out, y) if self.loss_fn is not None else loss_from_outputs(
-        self.task, out, y)
-    mask = mask.astype(losses.dtype)
-    return jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1.0), updated
+    return _masked_mean(self._losses(out, y), mask), updated
 
   @property
   def stochastic(self) -> bool:
@@ -91,10 +89,7 @@ class Model(NamedTuple):
   def loss(self, params: Params, x: jax.Array, y: jax.Array, mask: jax.Array | None = None):
     """Mean loss over the real examples of a batch (``mask`` marks them; all when ``None``)."""
     losses = self.per_example_loss(params, x, y)
-    if mask is None:
-      return jnp.mean(losses)
-    mask = mask.astype(losses.dtype)
-    return jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+    return jnp.mean(losses) if mask is None else _masked_mean(losses, mask)
 
   def correct(self, params: Params, x: jax.Array, y: jax.Array) -> jax.Array:
     """1.0 where the prediction is right (classifiers only), shape ``[batch]``."""
@@ -103,6 +98,11 @@ class Model(NamedTuple):
   @property
   def is_classifier(self) -> bool:
     return self.task != "regression"
+
+
+def _masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
+  mask = mask.astype(values.dtype)
+  return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
 def loss_from_outputs(task: str, out: jax.Array, y: jax.Array) -> jax.Array:

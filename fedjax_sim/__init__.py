@@ -1,7 +1,8 @@
 """fedjax_sim: federated learning simulated one whole cohort at a time, in one compiled program."""
 
-from fedjax_sim import (aggregators, algorithms, attacks, datasets, describe, engine, metrics, models,
-                        partition, personal, privacy, reference)
+from fedjax_sim import (aggregators, algorithms, attacks, checkpoint, cli, client, data, datasets,
+                        describe, engine, grid, metrics, models, partition, personal, privacy,
+                        reference, simulation, sweep, systems)
 from fedjax_sim.algorithms import Algorithm
 from fedjax_sim.data import DataError, FederatedData
 from fedjax_sim.models import Model
@@ -14,5 +15,6 @@ __version__ = "0.1.0"
 
 __all__ = ["Algorithm", "DataError", "FederatedData", "Heterogeneity", "Model", "ServerState",
            "SimulationResult", "TrainingDiverged", "aggregators", "algorithms", "attacks",
-           "datasets", "describe", "engine", "metrics", "models", "partition", "personal", "privacy",
-           "reference", "simulate", "simulate_sweep"]
+           "checkpoint", "cli", "client", "data", "datasets", "describe", "engine", "grid",
+           "metrics", "models", "partition", "personal", "privacy", "reference", "simulate",
+           "simulate_sweep", "simulation", "sweep", "systems"]

@@ -212,3 +212,13 @@ def test_compilation_cache_is_turned_on_unless_configured(tmp_path):
     jax.config.update("jax_compilation_cache_dir", configured)
   with pytest.raises(ConfigError, match="compilation_cache.*5"):
     use_compilation_cache(5)
+
+
+def test_every_public_module_is_reachable_from_the_package():
+  import pkgutil
+  import fedjax_sim as fs
+  public = [m.name for m in pkgutil.iter_modules(fs.__path__) if not m.name.startswith("_")]
+  assert {"partition", "datasets", "cli", "simulation"} <= set(public)
+  for name in public:
+    assert name in fs.__all__ and getattr(fs, name).__name__ == f"fedjax_sim.{name}"
+  assert fs.ServerState is fs.engine.ServerState and "ServerState" in fs.__all__

@@ -36,7 +36,7 @@ from __future__ import annotations
 import numpy as np
 
 from fedjax_sim._checks import positive_float, positive_int
-from fedjax_sim.data import DataError, FederatedData
+from fedjax_sim.data import DataError, FederatedData, integral
 
 _DISTRIBUTIONS = ("lognormal", "power_law")
 
@@ -50,8 +50,11 @@ def _rng(seed) -> np.random.Generator:
 
 
 def _arrays(x, y) -> tuple[np.ndarray, np.ndarray]:
-  """Returns ``x, y`` as arrays; ``y`` must be 1-D, as long as ``x`` and non-empty."""
+  """Returns ``x, y`` as arrays; ``y`` must be 1-D, as long as ``x`` and non-empty. Float labels
+  that are all whole numbers become int32 class ids (the rule of ``FederatedData.from_arrays``)."""
   x, y = np.asarray(x), np.asarray(y)
+  if integral(y):
+    y = y.astype(np.int32)
   if x.ndim < 1:
     raise DataError(f"x must have a leading example axis, got shape {x.shape}")
   if y.ndim != 1:

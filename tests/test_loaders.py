@@ -544,3 +544,29 @@ def test_leaf_labels_written_as_floats_load_as_classes_and_train(tmp_path, capsy
   assert regression.y.dtype == np.float32
   whole = fs.FederatedData.from_arrays([np.ones((2, 1))], [np.array([1.0, 2.0])])
   assert whole.y.dtype == np.int32 and whole.y.tolist() == [1, 2]
+
+
+def test_fedjax_sqlite_float_labels_load_as_classes_when_whole(tmp_path):
+  """The SQLite loader follows from_arrays' rule: float labels that are all whole numbers are
+  class ids (int32), fractional ones stay float32 regression targets."""
+  x = np.zeros((3, 2), np.float32)
+  whole = [(b"a", _blob({"x": _ext_array(x), "y": _ext_array(np.array([0.0, 2.0, 1.0]))}), 3)]
+  fd = load_fedjax_sqlite(_raw_db(tmp_path / "whole.sqlite", whole))
+  assert fd.y.dtype == np.int32 and fd.y.tolist() == [0, 2, 1]
+  assert REGISTRY["fedjax_sqlite"][0](0, path=str(tmp_path / "whole.sqlite"))[2] == 3
+  frac = [(b"a", _blob({"x": _ext_array(x), "y": _ext_array(np.array([0.5, 2.0, 1.0]))}), 3)]
+  fd = load_fedjax_sqlite(_raw_db(tmp_path / "frac.sqlite", frac))
+  assert fd.y.dtype == np.float32 and fd.y.tolist() == [0.5, 2.0, 1.0]
+
+
+def test_centralized_float_labels_partition_by_class():
+  """A centralized file whose class labels are floats (3.0) partitions by label like integers."""
+  from fedjax_sim import partition
+  rng = np.random.default_rng(5)
+  x, y = rng.normal(size=(60, 2)), rng.integers(0, 3, 60)
+  as_float = partition.dirichlet(x, y.astype(np.float64), num_clients=4, alpha=0.5, seed=1)
+  as_int = partition.dirichlet(x, y, num_clients=4, alpha=0.5, seed=1)
+  assert as_float.y.dtype == np.int32
+  np.testing.assert_array_equal(as_float.y, as_int.y)
+  with pytest.raises(DataError, match="integer class labels"):
+    partition.dirichlet(x, y + 0.5, num_clients=4, alpha=0.5, seed=1)

@@ -155,7 +155,7 @@ def test_by_id_round_trip():
     (lambda x, y: partition.iid(x, y, 5, seed=1.5), ValueError, "seed .* got 1.5"),
     (lambda x, y: partition.dirichlet(x, y, 5, alpha=0.0, seed=0), ValueError, "alpha .* got 0.0"),
     (lambda x, y: partition.dirichlet(x, y, 5, alpha=-2, seed=0), ValueError, "alpha .* got -2"),
-    (lambda x, y: partition.dirichlet(x, y.astype(float), 5, 1.0, seed=0), DataError,
+    (lambda x, y: partition.dirichlet(x, y + 0.5, 5, 1.0, seed=0), DataError,
      "integer class labels.*float64"),
     (lambda x, y: partition.shards(x, y, 5, 0, seed=0), ValueError, "shards_per_client .* got 0"),
     (lambda x, y: partition.quantity_skew(x, y, 5, seed=0, distribution="zipf"), ValueError,

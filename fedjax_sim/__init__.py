@@ -1,6 +1,6 @@
 """fedjax_sim: federated learning simulated one whole cohort at a time, in one compiled program."""
 
-from fedjax_sim import (aggregators, algorithms, attacks, checkpoint, cli, client, data, datasets,
+from fedjax_sim import (aggregators, algorithms, attacks, checkpoint, client, data, datasets,
                         describe, engine, grid, metrics, models, partition, personal, privacy,
                         reference, simulation, sweep, systems)
 from fedjax_sim.algorithms import Algorithm
@@ -12,6 +12,15 @@ from fedjax_sim.sweep import simulate_sweep
 from fedjax_sim.simulation import SimulationResult, TrainingDiverged, simulate
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+  """``fs.cli`` on first use (not imported eagerly, so ``python -m fedjax_sim.cli`` runs it
+  fresh)."""
+  if name == "cli":
+    import importlib
+    return importlib.import_module("fedjax_sim.cli")
+  raise AttributeError(f"module 'fedjax_sim' has no attribute {name!r}")
 
 __all__ = ["Algorithm", "DataError", "FederatedData", "Heterogeneity", "Model", "ServerState",
            "SimulationResult", "TrainingDiverged", "aggregators", "algorithms", "attacks",

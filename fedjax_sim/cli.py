@@ -51,9 +51,27 @@ CONFIG_KEYS = {
     "local_epochs": (1, "local epochs E per round"),
     "local_steps": (None, "fixed local steps H per round instead of epochs (Local SGD)"),
     "batch_size": (16, "local mini-batch size B ('none' = full batch)"),
-    "client_lr": (0.1, "client learning rate (for fedsgd: the step on the mean gradient)"),
+    "client_lr": (0.1, "client learning rate (for fedsgd: the step on the mean gradient); the "
+                  "peak of client_lr_schedule"),
+    "client_lr_schedule": ("constant", "client learning-rate schedule: constant | warmup | cosine "
+                           "| warmup_cosine | exponential | linear (see `fedjax-sim list`)"),
+    "client_lr_schedule_options": ({}, "table of the schedule's options, e.g. "
+                                   "client_lr_schedule_options.warmup_steps=10, .decay_steps, "
+                                   ".transition_steps, .decay_rate, .end_value, .alpha"),
+    "client_lr_per": ("step", "what the client schedule counts: step (local steps, restarting "
+                      "every round, as a fresh optax optimizer counts) | round (rounds, 0-based)"),
+    "client_optimizer": ("sgd", "client optimizer, by optax name: sgd | adam | adamw | adagrad | "
+                         "yogi | rmsprop | ... (see `fedjax-sim list`), stepping with client_lr"),
+    "client_optimizer_options": ({}, "table of the optimizer's options, e.g. "
+                                 "client_optimizer_options.momentum=0.9 (sgd), .b1, .b2, .eps "
+                                 "(adam)"),
     "server_lr": (None, "server learning rate (none = the algorithm's default; for fedavg a "
                   "server SGD step on the pseudo-gradient, 1.0 = FedAvg)"),
+    "server_lr_schedule": ("constant", "server learning-rate schedule over rounds, with "
+                           "server_lr (or the algorithm's default) as its peak: same names as "
+                           "client_lr_schedule"),
+    "server_lr_schedule_options": ({}, "table of the server schedule's options (as "
+                                   "client_lr_schedule_options, counted in rounds)"),
     "weighting": ("num_examples", "server average weights: num_examples | uniform"),
     "shuffle": (True, "reshuffle client data every epoch"),
     "hidden_sizes": ([200, 200], "hidden layer sizes of the mlp model"),
@@ -65,6 +83,10 @@ CONFIG_KEYS = {
     "plan": ("auto", "cohort execution plan: auto | vmap | chunked | scan | host_loop"),
     "chunk_size": (None, "clients per vmap chunk (auto when none)"),
     "rounds_per_block": (10, "rounds per compiled call"),
+    "population": ("device", "where the training population lives: device | host (stays in host "
+                   "memory, each block's cohorts streamed in; only test data is evaluated)"),
+    "bucketing": (True, "group clients by size so small clients do not pay for the largest "
+                  "one's local steps"),
     "compilation_cache": ("~/.cache/fedjax_sim/xla", "directory of JAX's persistent compilation "
                           "cache, so a rerun skips compilation ('none' = off; a cache already "
                           "configured, e.g. by JAX_COMPILATION_CACHE_DIR, is kept)"),
@@ -81,7 +103,51 @@ RESUMABLE_CHANGES = ("rounds", "checkpoint_every", "checkpoint_keep", "compilati
 
 MODELS = ("softmax_regression", "logistic_regression", "linear_regression", "mlp", "cnn",
           "shakespeare_lstm")
-TABLES = ("dataset_options", "algorithm_options", "aggregator_options", "attack_options", "system")
+TABLES = ("dataset_options", "algorithm_options", "aggregator_options", "attack_options", "system",
+          "client_optimizer_options", "client_lr_schedule_options", "server_lr_schedule_options")
+CLIENT_OPTIMIZERS = ("sgd", "adam", "adamw", "adagrad", "yogi", "rmsprop", "lamb", "lion", "nadam",
+                     "adabelief", "adamax", "amsgrad", "novograd")
+
+
+def _warmup(lr, warmup_steps):
+  """Linear warm-up from 0 to the learning rate over ``warmup_steps``, then constant."""
+  import optax
+  return optax.linear_schedule(0.0, lr, warmup_steps)
+
+
+def _cosine(lr, decay_steps, alpha=0.0):
+  """Cosine decay from the learning rate to ``alpha`` times it over ``decay_steps``."""
+  import optax
+  return optax.cosine_decay_schedule(lr, decay_steps, alpha)
+
+
+def _warmup_cosine(lr, warmup_steps, decay_steps, init_value=0.0, end_value=0.0):
+  """Linear warm-up from ``init_value`` to the learning rate over ``warmup_steps``, then cosine
+  decay to ``end_value`` by step ``decay_steps`` (counted from 0, warm-up included)."""
+  import optax
+  return optax.warmup_cosine_decay_schedule(init_value, lr, warmup_steps, decay_steps, end_value)
+
+
+def _exponential(lr, transition_steps, decay_rate, transition_begin=0, staircase=False,
+                 end_value=None):
+  """The learning rate times ``decay_rate ** (count / transition_steps)`` (``staircase``: integer
+  powers), starting after ``transition_begin``, bounded by ``end_value``."""
+  import optax
+  return optax.exponential_decay(lr, transition_steps, decay_rate, transition_begin, staircase,
+                                 end_value)
+
+
+def _linear(lr, transition_steps, end_value=0.0):
+  """Linear from the learning rate to ``end_value`` over ``transition_steps``, then constant."""
+  import optax
+  return optax.linear_schedule(lr, end_value, transition_steps)
+
+
+# name -> fn(lr, **options) -> optax schedule (``constant``: the float itself)
+LR_SCHEDULES = {"constant": lambda lr: lr, "warmup": _warmup, "cosine": _cosine,
+                "warmup_cosine": _warmup_cosine, "exponential": _exponential, "linear": _linear}
+LR_SCHEDULE_DOCS = {"constant": "the learning rate itself, every step",
+                    **{k: fn.__doc__ for k, fn in LR_SCHEDULES.items() if k != "constant"}}
 
 
 class ConfigError(ValueError):
@@ -180,31 +246,120 @@ def build_experiment(config: dict):
   return algo, model, train, test
 
 
+def _call_with_options(what: str, options_key: str, fn, args: tuple, options: dict):
+  """``fn(*args, **options)``, with missing and unknown options named by their config keys."""
+  params = [p for p in inspect.signature(fn).parameters.values()][len(args):]
+  names = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+  missing = [p.name for p in params if p.default is p.empty and p.kind != p.VAR_KEYWORD
+             and p.kind != p.VAR_POSITIONAL and p.name not in options]
+  if missing:
+    raise ConfigError(f"{what} needs option {missing[0]!r} ({options_key}.{missing[0]}=...)")
+  unknown = sorted(set(options) - set(names))
+  if unknown:
+    raise ConfigError(f"{what} has no option {unknown[0]!r}; its options: "
+                      f"{', '.join(names) or 'none'}")
+  for key, value in options.items():
+    if key.endswith("_steps") and (isinstance(value, bool) or not isinstance(value, int)
+                                   or value <= 0):
+      raise ConfigError(f"{options_key}.{key} must be a positive integer, got {value!r}")
+  try:
+    return fn(*args, **options)
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f"bad {options_key} {options} for {what}: {e}") from None
+
+
+def build_lr_schedule(side: str, lr, config: dict):
+  """``lr`` (a float) under the ``{side}_lr_schedule`` key: the float itself for ``constant``,
+  else an optax schedule with ``lr`` as its peak; raises ConfigError."""
+  name, key = config[f"{side}_lr_schedule"], f"{side}_lr_schedule_options"
+  options = dict(config[key])
+  if name is None:
+    name = "constant"
+  if name not in LR_SCHEDULES:
+    raise ConfigError(f"unknown {side}_lr_schedule {name!r}; choose from "
+                      f"{', '.join(LR_SCHEDULES)}")
+  from fedjax_sim._checks import positive_float
+  try:
+    lr = positive_float(f"{side}_lr", lr)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  return _call_with_options(f"{side}_lr_schedule {name!r}", key, LR_SCHEDULES[name], (lr,),
+                            options)
+
+
+def build_client_optimizer(lr, config: dict):
+  """The ``client_optimizer`` (an optax optimizer stepping with ``lr``, a float or schedule), or
+  ``None`` for plain SGD without options (the algorithm's own default); raises ConfigError."""
+  import optax
+  name, options = config["client_optimizer"], dict(config["client_optimizer_options"])
+  if name not in CLIENT_OPTIMIZERS:
+    raise ConfigError(f"unknown client_optimizer {name!r}; choose from "
+                      f"{', '.join(CLIENT_OPTIMIZERS)}")
+  if name == "sgd" and not options:
+    return None
+  return _call_with_options(f"client_optimizer {name!r}", "client_optimizer_options",
+                            getattr(optax, name), (lr,), options)
+
+
+# algorithms whose client update is derived for plain SGD: no client_optimizer key
+SGD_ONLY = {"scaffold": "its control variates are defined for SGD steps",
+            "fednova": "its normalization a_k is derived for SGD (momentum: "
+                       "algorithm_options.momentum)",
+            "fedsgd": "its clients take one full-batch gradient step of size 1"}
+
+
 def build_algorithm(config: dict):
   """The configured algorithm: shared keys plus ``algorithm_options``; raises ValueError."""
-  import inspect
   from fedjax_sim import algorithms
   name, options = config["algorithm"], dict(config["algorithm_options"])
   factory = algorithms.REGISTRY[name]
+  params = inspect.signature(factory).parameters
+  takes_any = any(p.kind == p.VAR_KEYWORD for p in params.values())
+  client_lr = build_lr_schedule("client", config["client_lr"], config)
+  optimizer = build_client_optimizer(client_lr, config)
+  per = config["client_lr_per"]
+  if per not in ("step", "round"):
+    raise ConfigError(f"client_lr_per must be 'step' or 'round', got {per!r}")
+  if optimizer is not None and name in SGD_ONLY:
+    raise ConfigError(f"algorithm {name!r} takes no client_optimizer: {SGD_ONLY[name]}")
+  if optimizer is not None and per == "round":
+    raise ConfigError("client_lr_per='round' scales plain SGD steps; with client_optimizer "
+                      f"{config['client_optimizer']!r} use a schedule per step")
+  if name == "fedsgd" and (callable(client_lr) or per != "step"):
+    raise ConfigError("fedsgd's one step is the server's: use server_lr and server_lr_schedule")
+  server_lr = config["server_lr"]
+  if config["server_lr_schedule"] not in (None, "constant"):
+    if server_lr is None:  # the schedule's peak: the algorithm's own default server step
+      default = params.get("server_lr")
+      server_lr = default.default if default is not None else 1.0
+    server_lr = build_lr_schedule("server", server_lr, config)
+  elif config["server_lr_schedule_options"]:
+    raise ConfigError(f"server_lr_schedule_options {config['server_lr_schedule_options']} given "
+                      "without a server_lr_schedule")
   if name == "fedsgd":
-    shared = dict(server_lr=config["server_lr"] or config["client_lr"], weighting=config["weighting"])
+    shared = dict(server_lr=server_lr or config["client_lr"], weighting=config["weighting"])
   else:
-    shared = dict(client_lr=config["client_lr"], batch_size=config["batch_size"],
+    shared = dict(client_lr=client_lr, batch_size=config["batch_size"],
                   shuffle=config["shuffle"], weighting=config["weighting"],
                   local_epochs=config["local_epochs"], local_steps=config["local_steps"])
     if name.startswith("local_sgd"):
       del shared["local_epochs"]
       if name != "local_sgd" or shared["local_steps"] is None:
         shared.pop("local_steps")
-    if config["server_lr"] is not None:
-      shared["server_lr"] = config["server_lr"]
-  params = inspect.signature(factory).parameters
-  takes_any = any(p.kind == p.VAR_KEYWORD for p in params.values())
+    if server_lr is not None:
+      shared["server_lr"] = server_lr
+    if optimizer is not None:
+      shared["client_optimizer"] = optimizer
+    if per != "step":
+      shared["client_lr_per"] = per
   if "server_lr" in shared and "server_lr" not in params and not takes_any:
     import optax
-    from fedjax_sim._checks import positive_float
-    shared["server_optimizer"] = optax.sgd(positive_float("server_lr", shared.pop("server_lr")))
+    from fedjax_sim.algorithms._base import learning_rate
+    shared["server_optimizer"] = optax.sgd(learning_rate("server_lr", shared.pop("server_lr")))
   if not takes_any:  # e.g. scaffold: unweighted by definition, no client_optimizer
+    dropped = [k for k in ("client_lr_per",) if k in shared and k not in params]
+    if dropped:
+      raise ConfigError(f"algorithm {name!r} takes no {dropped[0]}")
     shared = {k: v for k, v in shared.items() if k in params}
   try:
     return factory(**{**shared, **options})
@@ -272,6 +427,20 @@ def build_system(options: dict):
     raise ConfigError(f"system.{e}") from None
 
 
+def engine_options(config: dict) -> dict:
+  """``population`` and ``bucketing`` for :func:`fedjax_sim.simulate`, checked; raises
+  ConfigError."""
+  population, bucketing = config["population"], config["bucketing"]
+  if population not in ("device", "host"):
+    raise ConfigError(f"population must be 'device' or 'host', got {population!r}")
+  if not isinstance(bucketing, bool):
+    raise ConfigError(f"bucketing must be true or false, got {bucketing!r}")
+  if population == "host" and (config["dissimilarity"] or config["plan"] == "host_loop"):
+    raise ConfigError("population='host' streams cohorts into compiled blocks: it cannot run "
+                      "plan='host_loop' or measure the dissimilarity (dissimilarity=true)")
+  return {"population": population, "bucketing": bucketing}
+
+
 def load_dataset(config: dict):
   """``(train, test, num_classes)`` of the configured dataset; raises ConfigError."""
   from fedjax_sim import datasets
@@ -279,11 +448,14 @@ def load_dataset(config: dict):
     raise ConfigError(f"unknown dataset {config['dataset']!r}; choose from "
                       f"{', '.join(datasets.REGISTRY)}")
   loader = datasets.REGISTRY[config["dataset"]][0]
-  try:
-    return loader(config["seed"], **config["dataset_options"])
-  except TypeError as e:
-    raise ConfigError(f"bad dataset_options {config['dataset_options']} for dataset "
-                      f"{config['dataset']!r}: {e}") from None
+  options = dict(config["dataset_options"])
+  params = list(inspect.signature(loader).parameters.values())[1:]  # after the seed
+  if not any(p.kind == p.VAR_KEYWORD for p in params):
+    unknown = sorted(set(options) - {p.name for p in params})
+    if unknown:
+      raise ConfigError(f"dataset {config['dataset']!r} has no option {unknown[0]!r}; its "
+                        f"options: {', '.join(p.name for p in params) or 'none'}")
+  return loader(config["seed"], **options)
 
 
 class Progress:
@@ -549,6 +721,7 @@ def run(args) -> int:
   aggregator = build_aggregator(config)
   attack = build_attack(config)
   checkpoint_every, checkpoint_keep = _checkpoint_options(config)
+  engine = engine_options(config)
   run_args = dict(rounds=config["rounds"], clients_per_round=config["clients_per_round"],
                   client_fraction=config["client_fraction"], seed=config["seed"],
                   eval_every=config["eval_every"], plan=config["plan"],
@@ -606,7 +779,7 @@ def run(args) -> int:
                       aggregator=aggregator, attack=attack,
                       dissimilarity=bool(config["dissimilarity"]), checkpoint_dir=checkpoint_dir,
                       checkpoint_every=checkpoint_every, checkpoint_keep=checkpoint_keep,
-                      resume=checkpoint or False, **run_args)
+                      resume=checkpoint or False, **engine, **run_args)
     history, info = result.history, result.info
   except TrainingDiverged as e:
     history = e.history

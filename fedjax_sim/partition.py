@@ -28,6 +28,7 @@ Schemes:
   assigned by a random permutation.
 * :func:`by_id` — the natural partition: one client per distinct user / writer / device id.
 
+:func:`holdout` splits every client's examples into a training and a held-out test part.
 :func:`label_distribution` counts each client's labels (``[num_clients, num_classes]``).
 """
 
@@ -256,6 +257,40 @@ def by_id(x, y, ids) -> FederatedData:
   position[rank] = np.arange(len(uniq))
   return _from_owner(x, y, position[inverse.reshape(-1)], len(uniq),
                      [str(u) for u in uniq[rank]])
+
+
+def holdout(fd: FederatedData, test_fraction: float, seed: int
+            ) -> tuple[FederatedData, FederatedData]:
+  """Per-client held-out split: ``(train, test)`` with the same client ids.
+
+  Client ``k`` sends ``round(test_fraction · n_k)`` of its examples, drawn uniformly without
+  replacement, to ``test`` and keeps the rest, at least one, in ``train`` (each part in the
+  original order). A client whose share rounds to zero has no test examples and is left out of
+  ``test``; ``train`` keeps every client.
+
+  Raises:
+    ValueError: ``test_fraction`` outside ``(0, 1)`` or a bad seed.
+    DataError: no client has a test example at this fraction.
+  """
+  if isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float)) \
+      or not 0 < test_fraction < 1:
+    raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
+  rng = _rng(seed)
+  parts = {"train": ([], [], []), "test": ([], [], [])}
+  for k, cid in enumerate(fd.client_ids):
+    x, y = fd.client(k)
+    n = len(y)
+    n_test = min(int(np.floor(test_fraction * n + 0.5)), n - 1)
+    is_test = np.zeros(n, bool)
+    is_test[rng.permutation(n)[:n_test]] = True
+    for name, rows in (("train", ~is_test), ("test", is_test)):
+      if rows.any():
+        for out, value in zip(parts[name], (x[rows], y[rows], cid)):
+          out.append(value)
+  if not parts["test"][0]:
+    raise DataError(f"test_fraction={test_fraction} leaves no client a test example (the largest "
+                    f"client has {int(fd.num_examples.max())})")
+  return tuple(FederatedData.from_arrays(*parts[name]) for name in ("train", "test"))
 
 
 def label_distribution(fd: FederatedData, num_classes: int | None = None) -> np.ndarray:

@@ -222,3 +222,81 @@ def test_every_public_module_is_reachable_from_the_package():
   for name in public:
     assert name in fs.__all__ and getattr(fs, name).__name__ == f"fedjax_sim.{name}"
   assert fs.ServerState is fs.engine.ServerState and "ServerState" in fs.__all__
+
+
+def test_every_simulate_option_is_a_config_key(tmp_path, capsys):
+  """population, bucketing, a named client optimizer with options, client and server schedules
+  and a held-out test split of a .npz file, all from --set, in one run."""
+  rng = np.random.default_rng(1)
+  path = tmp_path / "clients.npz"
+  arrays = {}
+  for k, n in enumerate([9, 14, 6, 20]):
+    arrays[f"x/c{k}"] = rng.normal(size=(n, 3)).astype(np.float32)
+    arrays[f"y/c{k}"] = rng.integers(0, 3, n)
+  np.savez(path, **arrays)
+  out = tmp_path / "run"
+  args = ["run", "--out", str(out), "--quiet", "--set", "dataset=npz",
+          "--set", f"dataset_options.path='{path}'", "--set", "dataset_options.test_fraction=0.25",
+          "--set", "clients_per_round=2", "--set", "rounds=3", "--set", "batch_size=4",
+          "--set", "population='host'", "--set", "bucketing=false",
+          "--set", "client_optimizer='adam'", "--set", "client_optimizer_options.b1=0.8",
+          "--set", "client_lr_schedule='warmup_cosine'",
+          "--set", "client_lr_schedule_options.warmup_steps=2",
+          "--set", "client_lr_schedule_options.decay_steps=5",
+          "--set", "algorithm='fedavgm'", "--set", "server_lr_schedule='exponential'",
+          "--set", "server_lr_schedule_options.transition_steps=1",
+          "--set", "server_lr_schedule_options.decay_rate=0.5"]
+  assert main(args) == 0, capsys.readouterr().err
+  summary = json.loads((out / "summary.json").read_text())
+  assert summary["engine"]["population"] == "host" and summary["engine"]["num_buckets"] == 1
+  assert {"test_accuracy", "test_loss"} <= summary["final"].keys()
+  assert "train_accuracy" not in summary["final"]  # host population: only test is evaluated
+
+
+def test_optimizer_and_schedules_from_the_config_are_optax_ones():
+  import jax.numpy as jnp
+  import optax
+  from fedjax_sim.cli import build_algorithm, build_lr_schedule, resolve_config
+  config = resolve_config(None, ["client_lr=0.2", "client_lr_schedule='warmup_cosine'",
+                                 "client_lr_schedule_options.warmup_steps=3",
+                                 "client_lr_schedule_options.decay_steps=10",
+                                 "client_optimizer='adam'", "client_optimizer_options.b2=0.9",
+                                 "server_lr_schedule='cosine'",
+                                 "server_lr_schedule_options.decay_steps=4"])
+  want = optax.warmup_cosine_decay_schedule(0.0, 0.2, 3, 10, 0.0)
+  got = build_lr_schedule("client", 0.2, config)
+  for count in (0, 1, 3, 7, 12):
+    assert float(got(count)) == float(want(count))
+  algo = build_algorithm(config)
+  reference = optax.adam(want, b2=0.9)
+  params, grads = {"w": jnp.ones(3)}, [{"w": jnp.array([1.0, -2.0, 0.5]) * i} for i in (1, 2, 3)]
+  s1, s2 = algo.client_optimizer.init(params), reference.init(params)
+  for g in grads:
+    (u1, s1), (u2, s2) = algo.client_optimizer.update(g, s1, params), reference.update(g, s2, params)
+    np.testing.assert_allclose(u1["w"], u2["w"], rtol=1e-6)
+  server = optax.sgd(optax.cosine_decay_schedule(1.0, 4))  # fedavg's default server step 1.0
+  st1, st2 = algo.server_optimizer.init(params), server.init(params)
+  for g in grads:
+    (u1, st1), (u2, st2) = algo.server_optimizer.update(g, st1), server.update(g, st2)
+    np.testing.assert_allclose(u1["w"], u2["w"], rtol=1e-6)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["client_lr_schedule='cosine'"], "client_lr_schedule 'cosine' needs option 'decay_steps' "
+     "(client_lr_schedule_options.decay_steps=...)"),
+    (["client_lr_schedule='warmup'", "client_lr_schedule_options.warmup_steps=0"],
+     "client_lr_schedule_options.warmup_steps must be a positive integer, got 0"),
+    (["client_lr_schedule='step'"], "unknown client_lr_schedule 'step'"),
+    (["client_optimizer='adamm'"], "unknown client_optimizer 'adamm'"),
+    (["client_optimizer='adam'", "client_optimizer_options.beta1=0.9"],
+     "client_optimizer 'adam' has no option 'beta1'; its options: b1, b2"),
+    (["client_optimizer='adam'", "algorithm='scaffold'"],
+     "algorithm 'scaffold' takes no client_optimizer"),
+    (["client_optimizer='adam'", "client_lr_per='round'"], "client_lr_per='round' scales plain"),
+    (["population='cloud'"], "population must be 'device' or 'host', got 'cloud'"),
+    (["bucketing=2"], "bucketing must be true or false, got 2"),
+    (["population='host'", "dissimilarity=true"], "population='host' streams cohorts"),
+    (["dataset_options.foo=1"], "dataset 'logistic_demo' has no option 'foo'; its options: none"),
+])
+def test_bad_optimizer_schedule_and_engine_keys_are_named(args, message, capsys, tmp_path):
+  assert message in _error([a for kv in args for a in ("--set", kv)], capsys, tmp_path)

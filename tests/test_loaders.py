@@ -570,3 +570,26 @@ def test_centralized_float_labels_partition_by_class():
   np.testing.assert_array_equal(as_float.y, as_int.y)
   with pytest.raises(DataError, match="integer class labels"):
     partition.dirichlet(x, y + 0.5, num_clients=4, alpha=0.5, seed=1)
+
+
+def test_holdout_splits_every_client_and_loses_no_example():
+  from fedjax_sim import partition
+  rng = np.random.default_rng(6)
+  sizes = [1, 2, 8, 21]
+  fd = FederatedData.from_arrays([np.arange(n, dtype=np.float32)[:, None] + 100 * k
+                                  for k, n in enumerate(sizes)],
+                                 [rng.integers(0, 3, n) for n in sizes], ["a", "b", "c", "d"])
+  train, test = partition.holdout(fd, 0.25, seed=3)
+  assert train.client_ids == ["a", "b", "c", "d"] and test.client_ids == ["b", "c", "d"]
+  assert train.num_examples.tolist() == [1, 1, 6, 16] and test.num_examples.tolist() == [1, 2, 5]
+  for cid in fd.client_ids:
+    parts = [d.client(d.client_ids.index(cid))[0][:, 0] for d in (train, test)
+             if cid in d.client_ids]
+    whole = fd.client(fd.client_ids.index(cid))[0][:, 0]
+    assert sorted(np.concatenate(parts).tolist()) == whole.tolist()
+  again = partition.holdout(fd, 0.25, seed=3)[1]
+  np.testing.assert_array_equal(again.x, test.x)
+  with pytest.raises(ValueError, match=r"test_fraction must be in \(0, 1\), got 1.0"):
+    partition.holdout(fd, 1.0, seed=0)
+  with pytest.raises(DataError, match="leaves no client a test example"):
+    partition.holdout(fd.subset([0]), 0.5, seed=0)

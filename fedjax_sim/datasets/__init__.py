@@ -34,20 +34,33 @@ def _fedprox_iid(seed):
   return train, test, 10
 
 
-def _npz(seed, path=None, partition=None, num_clients=None, **partition_options):
+def _held_out(train, test, test_fraction, seed):
+  """``(train, test)``, with ``test_fraction`` of every client's examples held out as ``test``."""
+  if test_fraction is None:
+    return train, test
+  if test is not None:
+    raise ValueError("dataset_options.test_fraction: this dataset already has a test split")
+  from fedjax_sim.partition import holdout
+  return holdout(train, test_fraction, seed)
+
+
+def _npz(seed, path=None, partition=None, num_clients=None, test_fraction=None,
+         **partition_options):
   """A federated .npz, or a centralized one (arrays ``x``, ``y``) split with ``partition``."""
   if path is None:
     raise ValueError("dataset 'npz' needs dataset_options.path (the .npz file to read)")
   if partition is None:
     if num_clients is not None or partition_options:
-      raise ValueError("dataset_options num_clients/alpha/... need dataset_options.partition")
+      given = sorted(partition_options) + (["num_clients"] if num_clients is not None else [])
+      raise ValueError(f"dataset_options {given} split a centralized file: they need "
+                       "dataset_options.partition")
     train = load_npz(str(path))
   else:
     from fedjax_sim import partition as partitions
     x, y = load_centralized_npz(str(path))
     train = partitions.split(x, y, partition, seed, num_clients, **partition_options)
-  num_classes = int(train.y.max()) + 1 if np.issubdtype(train.y.dtype, np.integer) else None
-  return train, None, num_classes
+  train, test = _held_out(train, None, test_fraction, seed)
+  return train, test, _num_classes(None, train, test)
 
 
 def _num_classes(text, *datasets):
@@ -60,7 +73,7 @@ def _num_classes(text, *datasets):
   return max(int(y.max()) for y in ys) + 1
 
 
-def _leaf(seed, path=None, split=None, text=None):
+def _leaf(seed, path=None, split=None, text=None, test_fraction=None):
   if path is None:
     raise ValueError("dataset 'leaf' needs dataset_options.path (a LEAF .json file or directory)")
   path = str(path)
@@ -68,14 +81,16 @@ def _leaf(seed, path=None, split=None, text=None):
     train, test = load_leaf_splits(path, text)
   else:
     train, test = load_leaf(path, split, text), None
+  train, test = _held_out(train, test, test_fraction, seed)
   return train, test, _num_classes(text, train, test)
 
 
-def _fedjax_sqlite(seed, path=None, x_key="x", y_key="y", text=None):
+def _fedjax_sqlite(seed, path=None, x_key="x", y_key="y", text=None, test_fraction=None):
   if path is None:
     raise ValueError("dataset 'fedjax_sqlite' needs dataset_options.path (the .sqlite file)")
   train = load_fedjax_sqlite(str(path), x_key, y_key, text=text)
-  return train, None, _num_classes(text, train)
+  train, test = _held_out(train, None, test_fraction, seed)
+  return train, test, _num_classes(text, train, test)
 
 
 def _digits(seed, partition="dirichlet", num_clients=20, alpha=0.5):
@@ -85,23 +100,27 @@ def _digits(seed, partition="dirichlet", num_clients=20, alpha=0.5):
 
 REGISTRY = {
     "power_law": (_power_law, "5,000 clients, lognormal sizes (median ~20, long tail), 60 "
-                  "features, 10 classes, non-IID; options: num_clients, heterogeneity"),
+                  "features, 10 classes, non-IID"),
     "fedprox_synthetic": (_fedprox, "FedProx Synthetic(alpha, beta): 30 devices, 60 features, 10 "
-                          "classes; options: alpha, beta"),
+                          "classes; beta shifts each device's features, and with the paper's "
+                          "generator alpha changes no label (see fedprox_synthetic)"),
     "fedprox_synthetic_iid": (_fedprox_iid, "FedProx Synthetic-IID: 30 devices"),
     "logistic_demo": (lambda seed: (logistic_demo(seed), None, 2),
                       "five clients, 4 features (bias column included), binary labels"),
     "linear_regression": (lambda seed: (linear_regression_client(seed=seed), None, None),
                           "one client, 3 features, y = x·[2, -1, 0.5] + noise"),
-    "npz": (_npz, "your own .npz file (see fedjax_sim.datasets.load_npz); options: path, and for "
-            "a centralized file (arrays x, y) partition = iid | dirichlet | shards | "
-            "quantity_skew with num_clients, alpha, shards_per_client, ..."),
-    "leaf": (_leaf, "LEAF JSON file/directory (FEMNIST, Shakespeare...); options: path, split, "
-             "text ('shakespeare' maps characters to ids)"),
-    "fedjax_sqlite": (_fedjax_sqlite, "FedJAX SQLite client file; options: path, x_key, y_key "
-                      "(EMNIST: pixels/label), text ('shakespeare' for snippets)"),
+    "npz": (_npz, "your own .npz file (see fedjax_sim.datasets.load_npz); a centralized file "
+            "(arrays x, y) is split with partition = iid | dirichlet | shards | quantity_skew | "
+            "by_id and that partition's own options (num_clients, alpha, shards_per_client, "
+            "...); test_fraction holds out that share of every client's examples as test data"),
+    "leaf": (_leaf, "LEAF JSON file or directory (FEMNIST, Shakespeare...); split picks train/ or "
+             "test/, text='shakespeare' maps characters to ids, test_fraction holds out a share "
+             "of every client's examples"),
+    "fedjax_sqlite": (_fedjax_sqlite, "FedJAX SQLite client file; x_key and y_key name the arrays "
+                      "(EMNIST: pixels, label), text='shakespeare' for snippets, test_fraction "
+                      "holds out a share of every client's examples"),
     "digits": (_digits, "scikit-learn 8x8 digits (bundled, needs scikit-learn), 64 features, 10 "
-               "classes; options: partition, num_clients, alpha"),
+               "classes, partitioned"),
 }
 
 __all__ = ["PUBLIC_FILES", "REGISTRY", "SHAKESPEARE_VOCAB", "VOCAB_SIZE", "decode_text", "download",

@@ -1,7 +1,7 @@
 """fedjax_sim: federated learning simulated one whole cohort at a time, in one compiled program."""
 
 from fedjax_sim import (aggregators, algorithms, attacks, checkpoint, client, data, datasets,
-                        describe, engine, grid, metrics, models, partition, personal, privacy,
+                        describe, engine, metrics, models, partition, personal, privacy,
                         reference, simulation, sweep, systems)
 from fedjax_sim.algorithms import Algorithm
 from fedjax_sim.data import DataError, FederatedData
@@ -15,11 +15,11 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name):
-  """``fs.cli`` on first use (not imported eagerly, so ``python -m fedjax_sim.cli`` runs it
-  fresh)."""
-  if name == "cli":
+  """``fs.cli`` and ``fs.grid`` (which imports the CLI) on first use: not imported eagerly, so
+  ``python -m fedjax_sim.cli`` runs it fresh."""
+  if name in ("cli", "grid"):
     import importlib
-    return importlib.import_module("fedjax_sim.cli")
+    return importlib.import_module(f"fedjax_sim.{name}")
   raise AttributeError(f"module 'fedjax_sim' has no attribute {name!r}")
 
 __all__ = ["Algorithm", "DataError", "FederatedData", "Heterogeneity", "Model", "ServerState",

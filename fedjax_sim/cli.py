@@ -14,6 +14,7 @@ import inspect
 import json
 import math
 import os
+import re
 import sys
 import time
 import tomllib
@@ -146,7 +147,7 @@ def _linear(lr, transition_steps, end_value=0.0):
 # name -> fn(lr, **options) -> optax schedule (``constant``: the float itself)
 LR_SCHEDULES = {"constant": lambda lr: lr, "warmup": _warmup, "cosine": _cosine,
                 "warmup_cosine": _warmup_cosine, "exponential": _exponential, "linear": _linear}
-LR_SCHEDULE_DOCS = {"constant": "the learning rate itself, every step",
+LR_SCHEDULE_DOCS = {"constant": "The learning rate itself, at every step.",
                     **{k: fn.__doc__ for k, fn in LR_SCHEDULES.items() if k != "constant"}}
 
 
@@ -246,18 +247,24 @@ def build_experiment(config: dict):
   return algo, model, train, test
 
 
-def _call_with_options(what: str, options_key: str, fn, args: tuple, options: dict):
-  """``fn(*args, **options)``, with missing and unknown options named by their config keys."""
-  params = [p for p in inspect.signature(fn).parameters.values()][len(args):]
+def _check_option_names(what: str, options_key: str, fn, skip: int, options: dict) -> None:
+  """Raises ConfigError naming a required option of ``fn`` (after its first ``skip`` parameters)
+  missing from ``options``, or an option it does not take (unless it takes ``**kwargs``)."""
+  params = [p for p in inspect.signature(fn).parameters.values()][skip:]
   names = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
   missing = [p.name for p in params if p.default is p.empty and p.kind != p.VAR_KEYWORD
              and p.kind != p.VAR_POSITIONAL and p.name not in options]
   if missing:
     raise ConfigError(f"{what} needs option {missing[0]!r} ({options_key}.{missing[0]}=...)")
   unknown = sorted(set(options) - set(names))
-  if unknown:
+  if unknown and not any(p.kind == p.VAR_KEYWORD for p in params):
     raise ConfigError(f"{what} has no option {unknown[0]!r}; its options: "
                       f"{', '.join(names) or 'none'}")
+
+
+def _call_with_options(what: str, options_key: str, fn, args: tuple, options: dict):
+  """``fn(*args, **options)``, with missing and unknown options named by their config keys."""
+  _check_option_names(what, options_key, fn, len(args), options)
   for key, value in options.items():
     if key.endswith("_steps") and (isinstance(value, bool) or not isinstance(value, int)
                                    or value <= 0):
@@ -390,11 +397,12 @@ def build_aggregator(config: dict):
 def _make(kind: str, factory, options: dict, config: dict):
   """``factory(**options)`` for the ``kind`` key (aggregator, attack), its errors as ConfigError
   naming ``{kind}_options``."""
+  _check_option_names(f"{kind} {config[kind]!r}", f"{kind}_options", factory, 0, options)
   try:
     return factory(**options)
   except TypeError as e:
     raise ConfigError(f"bad {kind}_options {config[kind + '_options']} for {kind} "
-                      f"{config[kind]!r}: {str(e).split(') ', 1)[-1]}") from None
+                      f"{config[kind]!r}: {e}") from None
   except ValueError as e:
     raise ConfigError(f"{kind}_options.{e}") from None
 
@@ -449,12 +457,7 @@ def load_dataset(config: dict):
                       f"{', '.join(datasets.REGISTRY)}")
   loader = datasets.REGISTRY[config["dataset"]][0]
   options = dict(config["dataset_options"])
-  params = list(inspect.signature(loader).parameters.values())[1:]  # after the seed
-  if not any(p.kind == p.VAR_KEYWORD for p in params):
-    unknown = sorted(set(options) - {p.name for p in params})
-    if unknown:
-      raise ConfigError(f"dataset {config['dataset']!r} has no option {unknown[0]!r}; its "
-                        f"options: {', '.join(p.name for p in params) or 'none'}")
+  _check_option_names(f"dataset {config['dataset']!r}", "dataset_options", loader, 1, options)
   return loader(config["seed"], **options)
 
 
@@ -909,24 +912,72 @@ def compare(args) -> int:
   return 0
 
 
+# keys every algorithm factory gets from top-level config keys, not from algorithm_options
+_SHARED_KEYS = {"client_lr", "local_epochs", "batch_size", "local_steps", "shuffle", "weighting",
+                "client_optimizer", "server_optimizer", "client_lr_per", "server_lr"}
+
+
+def _summary(doc: str | None) -> str:
+  """The first paragraph of a docstring, on one line, without reST markup."""
+  paragraph = (doc or "").strip().split("\n\n")[0]
+  return re.sub(r":\w+:`", "`", " ".join(paragraph.split()).replace("``", "`"))
+
+
+def _options(fn, skip: int = 0, exclude=()) -> str:
+  """``a=1, b (required)``: the keyword options of ``fn`` after its first ``skip`` parameters."""
+  out = []
+  for p in list(inspect.signature(fn).parameters.values())[skip:]:
+    if p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL) or p.name in exclude:
+      continue
+    out.append(p.name + (" (required)" if p.default is p.empty else f"={p.default!r}"))
+  return ", ".join(out)
+
+
+def _entry(name: str, text: str, options: str | None = None, key: str = "") -> str:
+  import shutil
+  import textwrap
+  width = max(60, min(120, shutil.get_terminal_size((100, 20)).columns))
+  if options:
+    text += f" Options ({key}.*): {options}."
+  elif options is not None:
+    text += " No options."
+  return textwrap.fill(text, width, initial_indent=f"  {name:<22} ",
+                       subsequent_indent=" " * 25, break_on_hyphens=False,
+                       break_long_words=False)
+
+
 def list_available(_args) -> int:
-  from fedjax_sim import algorithms, datasets
-  print("algorithms:")
-  for name, fn in algorithms.REGISTRY.items():
-    print(f"  {name:<22} {(fn.__doc__ or '').strip().splitlines()[0]}")
-  from fedjax_sim import aggregators
-  print("aggregators:")
-  for name, fn in aggregators.REGISTRY.items():
-    print(f"  {name:<22} {(fn.__doc__ or '').strip().splitlines()[0]}")
-  from fedjax_sim import attacks
-  print("attacks:")
-  for name, fn in attacks.REGISTRY.items():
-    print(f"  {name:<22} {(fn.__doc__ or '').strip().splitlines()[0]}")
-  print("models:\n  " + "\n  ".join(MODELS))
-  print("datasets:")
-  for name, (_, doc) in datasets.REGISTRY.items():
-    print(f"  {name:<22} {doc}")
+  """Everything a config can name, each with its whole summary and its options' defaults."""
+  import optax
+  from fedjax_sim import aggregators, algorithms, attacks, datasets
+  lines = ["algorithms (the shared keys client_lr, local_epochs, batch_size, ... are top-level):"]
+  lines += [_entry(n, _summary(fn.__doc__), _options(fn, exclude=_SHARED_KEYS),
+                   "algorithm_options") for n, fn in algorithms.REGISTRY.items()]
+  lines.append("aggregators:")
+  lines += [_entry(n, _summary(fn.__doc__), _options(fn), "aggregator_options")
+            for n, fn in aggregators.REGISTRY.items()]
+  lines.append("attacks:")
+  lines += [_entry(n, _summary(fn.__doc__), _options(fn), "attack_options")
+            for n, fn in attacks.REGISTRY.items()]
+  lines.append("models:")
+  lines += [_entry(n, _summary(getattr(models_module(), n).__doc__)) for n in MODELS]
+  lines.append("datasets:")
+  lines += [_entry(n, doc.rstrip(".") + ".", _options(fn, skip=1), "dataset_options")
+            for n, (fn, doc) in datasets.REGISTRY.items()]
+  lines.append("client optimizers (client_optimizer; options are optax's own keywords):")
+  lines += [_entry(n, _summary(getattr(optax, n).__doc__), _options(getattr(optax, n), skip=1),
+                   "client_optimizer_options") for n in CLIENT_OPTIMIZERS]
+  lines.append("learning-rate schedules (client_lr_schedule, server_lr_schedule; the peak is "
+               "client_lr / server_lr):")
+  lines += [_entry(n, _summary(LR_SCHEDULE_DOCS[n]), _options(fn, skip=1),
+                   "*_lr_schedule_options") for n, fn in LR_SCHEDULES.items()]
+  print("\n".join(lines))
   return 0
+
+
+def models_module():
+  from fedjax_sim import models
+  return models
 
 
 def describe_data(args) -> int:

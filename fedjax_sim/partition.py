@@ -342,6 +342,11 @@ def split(x, y, scheme: str, seed: int, num_clients: int | None = None, **option
   if missing:
     raise ValueError(f"partition {scheme!r} needs option(s) {', '.join(map(repr, missing))} "
                      f"(in the CLI: dataset_options.{missing[0]}=...)")
+  takes = [p for p in inspect.signature(fn).parameters if p not in ("x", "y", "seed")]
+  unknown = sorted(set(options) - set(takes))
+  if unknown:
+    raise ValueError(f"partition {scheme!r} has no option {unknown[0]!r}; its options: "
+                     f"{', '.join(takes)}")
   try:
     if scheme == "by_id":
       return fn(x, y, **options)

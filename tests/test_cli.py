@@ -98,12 +98,25 @@ def test_help_lists_every_key():
   assert "run" in top and "list" in top
 
 
-def test_list_names_registered_algorithms_and_datasets(capsys):
-  from fedjax_sim import algorithms, datasets
+def test_list_names_registered_algorithms_and_datasets(capsys, monkeypatch):
+  import re
+  from fedjax_sim import aggregators, algorithms, attacks, datasets
+  from fedjax_sim.cli import CLIENT_OPTIMIZERS, LR_SCHEDULES, MODELS
+  monkeypatch.setenv("COLUMNS", "100")
   assert main(["list"]) == 0
   out = capsys.readouterr().out
-  for name in [*algorithms.REGISTRY, *datasets.REGISTRY]:
-    assert name in out
+  entries = re.findall(r"^  (\w+) +(.*?)(?=^\S|^  \w|\Z)", out, re.S | re.M)
+  names = [n for n, _ in entries]
+  assert names == [*algorithms.REGISTRY, *aggregators.REGISTRY, *attacks.REGISTRY, *MODELS,
+                   *datasets.REGISTRY, *CLIENT_OPTIMIZERS, *LR_SCHEDULES]
+  for name, text in entries:  # whole sentences, no reST roles, lines within the width
+    assert text.rstrip().endswith((".", ")")), (name, text)
+    assert ":func:" not in text and "``" not in text
+  assert max(map(len, out.splitlines())) <= 100
+  described = {n: " ".join(text.split()) for n, text in entries}
+  assert "mu=0.01" in described["fedprox"] and "max_norm (required)" in described["clip"]
+  assert "num_clients=5000" in described["power_law"] and "path (required)" in described["npz"]
+  assert "decay_steps (required), alpha=0.0" in described["cosine"]
 
 
 def test_default_config_is_the_documented_scale():
@@ -154,7 +167,12 @@ def test_run_every_algorithm_family_from_the_config(algorithm, options, tmp_path
     (["--set", "system.speed=1"], "unknown system keys"),
     (["--set", "aggregator=trimmed"], "unknown aggregator 'trimmed'"),
     (["--set", "aggregator=median", "--set", "aggregator_options.beta=0.1"],
-     "bad aggregator_options {'beta': 0.1} for aggregator 'median'"),
+     "aggregator 'median' has no option 'beta'; its options: none"),
+    (["--set", "aggregator=clip"],
+     "aggregator 'clip' needs option 'max_norm' (aggregator_options.max_norm=...)"),
+    (["--set", "attack=sign_flip", "--set", "attack_options.std=1"],
+     "attack 'sign_flip' has no option 'std'; its options: fraction, scale, ids"),
+    (["--set", "dataset=npz"], "dataset 'npz' needs option 'path' (dataset_options.path=...)"),
     (["--set", "aggregator=clip", "--set", "aggregator_options.max_norm=-2"],
      "max_norm must be a positive finite number, got -2"),
     (["--set", "aggregator=clip", "--set", "aggregator_options.max_norm=1",
@@ -300,3 +318,16 @@ def test_optimizer_and_schedules_from_the_config_are_optax_ones():
 ])
 def test_bad_optimizer_schedule_and_engine_keys_are_named(args, message, capsys, tmp_path):
   assert message in _error([a for kv in args for a in ("--set", kv)], capsys, tmp_path)
+
+
+def test_missing_partition_option_is_named(tmp_path, capsys):
+  path = tmp_path / "central.npz"
+  np.savez(path, x=np.zeros((20, 2), np.float32), y=np.arange(20) % 3)
+  keys = ["--set", "dataset=npz", "--set", f"dataset_options.path='{path}'",
+          "--set", "dataset_options.num_clients=4"]
+  assert main(["data", "describe", *keys, "--set", "dataset_options.partition='dirichlet'"]) == 2
+  assert ("partition 'dirichlet' needs option(s) 'alpha' (in the CLI: dataset_options.alpha=...)"
+          in capsys.readouterr().err)
+  assert main(["data", "describe", *keys, "--set", "dataset_options.alpha=0.5"]) == 2
+  assert ("dataset_options ['alpha', 'num_clients'] split a centralized file: they need "
+          "dataset_options.partition" in capsys.readouterr().err)

@@ -44,11 +44,9 @@ def _held_out(train, test, test_fraction, seed):
   return holdout(train, test_fraction, seed)
 
 
-def _npz(seed, path=None, partition=None, num_clients=None, test_fraction=None,
+def _npz(seed, path, partition=None, num_clients=None, test_fraction=None,
          **partition_options):
   """A federated .npz, or a centralized one (arrays ``x``, ``y``) split with ``partition``."""
-  if path is None:
-    raise ValueError("dataset 'npz' needs dataset_options.path (the .npz file to read)")
   if partition is None:
     if num_clients is not None or partition_options:
       given = sorted(partition_options) + (["num_clients"] if num_clients is not None else [])
@@ -73,9 +71,7 @@ def _num_classes(text, *datasets):
   return max(int(y.max()) for y in ys) + 1
 
 
-def _leaf(seed, path=None, split=None, text=None, test_fraction=None):
-  if path is None:
-    raise ValueError("dataset 'leaf' needs dataset_options.path (a LEAF .json file or directory)")
+def _leaf(seed, path, split=None, text=None, test_fraction=None):
   path = str(path)
   if split is None and all(os.path.isdir(os.path.join(path, s)) for s in ("train", "test")):
     train, test = load_leaf_splits(path, text)
@@ -85,9 +81,7 @@ def _leaf(seed, path=None, split=None, text=None, test_fraction=None):
   return train, test, _num_classes(text, train, test)
 
 
-def _fedjax_sqlite(seed, path=None, x_key="x", y_key="y", text=None, test_fraction=None):
-  if path is None:
-    raise ValueError("dataset 'fedjax_sqlite' needs dataset_options.path (the .sqlite file)")
+def _fedjax_sqlite(seed, path, x_key="x", y_key="y", text=None, test_fraction=None):
   train = load_fedjax_sqlite(str(path), x_key, y_key, text=text)
   train, test = _held_out(train, None, test_fraction, seed)
   return train, test, _num_classes(text, train, test)
@@ -106,10 +100,10 @@ REGISTRY = {
                           "generator alpha changes no label (see fedprox_synthetic)"),
     "fedprox_synthetic_iid": (_fedprox_iid, "FedProx Synthetic-IID: 30 devices"),
     "logistic_demo": (lambda seed: (logistic_demo(seed), None, 2),
-                      "five clients, 4 features (bias column included), binary labels"),
+                      "Five clients, 4 features (bias column included), binary labels"),
     "linear_regression": (lambda seed: (linear_regression_client(seed=seed), None, None),
-                          "one client, 3 features, y = x·[2, -1, 0.5] + noise"),
-    "npz": (_npz, "your own .npz file (see fedjax_sim.datasets.load_npz); a centralized file "
+                          "One client, 3 features, y = x·[2, -1, 0.5] + noise"),
+    "npz": (_npz, "Your own .npz file (see fedjax_sim.datasets.load_npz); a centralized file "
             "(arrays x, y) is split with partition = iid | dirichlet | shards | quantity_skew | "
             "by_id and that partition's own options (num_clients, alpha, shards_per_client, "
             "...); test_fraction holds out that share of every client's examples as test data"),

@@ -24,7 +24,7 @@ def _power_law(seed, num_clients=5000, heterogeneity=0.5):
   return train, test, 10
 
 
-def _fedprox(seed, alpha=0.5, beta=0.5):
+def _fedprox(seed, alpha=0.5, beta=0.5):  # fedprox_synthetic's defaults (a test checks)
   train, test = fedprox_synthetic(alpha, beta, seed=seed)
   return train, test, 10
 

@@ -40,7 +40,7 @@ def logistic_demo(seed: int = 0) -> FederatedData:
   return FederatedData.from_arrays(xs, ys)
 
 
-def fedprox_synthetic(alpha: float = 0.0, beta: float = 0.0, iid: bool = False,
+def fedprox_synthetic(alpha: float = 0.5, beta: float = 0.5, iid: bool = False,
                       num_devices: int = 30, num_features: int = 60, num_classes: int = 10,
                       seed: int = 0, train_fraction: float = 0.9) -> tuple[FederatedData, FederatedData]:
   """Synthetic(α, β) and Synthetic-IID of Li et al. 2020 (FedProx, arXiv:1812.06127, §5.1).
@@ -52,6 +52,21 @@ def fedprox_synthetic(alpha: float = 0.0, beta: float = 0.0, iid: bool = False,
   (α, β are standard deviations, as in the authors' generator.) The draws come from a seeded
   ``numpy.random.Generator``, so the arrays differ from the authors' global-RNG script while
   following the same recipe.
+
+  ``α`` changes no label, as in the authors' own generator, which this one keeps: the shift ``u_k``
+  is one scalar added to every entry of ``W_k`` and ``b_k``, so ``x W_k + b_k`` gains
+  ``u_k (Σ_j x_j + 1)`` in every class at once and the argmax is unchanged. The same seed gives
+  identical arrays for every ``α`` (``u_k`` is ``α`` times a draw that the generator always
+  takes). Only ``β`` (each device's feature mean ``v_k``, and through it its labels) makes the
+  devices differ; Synthetic(0, β), (0.5, β) and (1, β) are the same data.
+
+  Args:
+    alpha: ``α``, the standard deviation of ``u_k`` (see above: no effect on the data).
+    beta: ``β``, the standard deviation of ``B_k``, the mean of device ``k``'s feature means.
+    iid: Synthetic-IID instead (``alpha`` and ``beta`` unused).
+    num_devices, num_features, num_classes: 30, 60 and 10 in the paper.
+    seed: the seed of the ``numpy.random.Generator``.
+    train_fraction: each device's share of training examples.
 
   Returns:
     ``(train, test)`` with the same device ids.

@@ -73,7 +73,8 @@ def local_sgd(kind, params, x, y, lr, epochs, batch_size, rng=None, orders=None,
 
 def local_sgd_steps(kind, params, x, y, lr, epochs, batch_size, rng=None, orders=None,
                     correction=None):
-  """:func:`local_sgd` returning ``(params, number of steps τ)``."""
+  """:func:`local_sgd` returning ``(params, number of steps τ)``; ``lr`` may be a schedule of the
+  step count (from 0 every call)."""
   n = len(x)
   b = n if batch_size is None else batch_size
   w = _tree(np.copy, params)
@@ -88,7 +89,8 @@ def local_sgd_steps(kind, params, x, y, lr, epochs, batch_size, rng=None, orders
       g = grad(kind, w, x[idx], y[idx])
       if correction is not None:
         g = _tree(lambda q, c: q + c, g, correction)
-      w = _tree(lambda p, q: p - p.dtype.type(lr) * q, w, g)
+      rate = float(lr(steps)) if callable(lr) else lr
+      w = _tree(lambda p, q: p - p.dtype.type(rate) * q, w, g)
       steps += 1
   return w, steps
 
@@ -123,7 +125,8 @@ def fedavg(kind, params, clients, rounds, lr, epochs, batch_size, cohort=None, r
 
 def fednova(kind, params, clients, rounds, lr, epochs, batch_size, cohort=None, orders=None):
   """FedNova with plain client SGD (Wang et al. 2020): client ``k`` sends ``Δ_k / τ_k``; the server
-  adds ``τ_eff Σ p_k Δ_k / τ_k`` with ``p_k = n_k / Σ n_j`` and ``τ_eff = Σ p_k τ_k`` (float64)."""
+  adds ``τ_eff Σ p_k Δ_k / τ_k`` with ``p_k = n_k / Σ n_j`` and ``τ_eff = Σ p_k τ_k`` (float64).
+  With ``lr`` a schedule of the local step, ``τ_k`` is replaced by ``Σ_{t<τ_k} η_t``."""
   w = _tree(lambda a: np.asarray(a, np.float64), params)
   for r in range(1, rounds + 1):
     ids = list(range(len(clients)) if cohort is None else cohort(r))
@@ -134,6 +137,8 @@ def fednova(kind, params, clients, rounds, lr, epochs, batch_size, cohort=None, 
       wk, tau = local_sgd_steps(kind, w, x, y, lr, epochs, batch_size,
                                 orders=_orders_of(orders, r, k))
       p = len(x) / total
+      if callable(lr):
+        tau = sum(float(lr(t)) for t in range(tau))
       tau_eff += p * tau
       acc = _tree(lambda a, b, c: a + p * (b - c) / tau, acc, wk, w)
     w = _tree(lambda a, d: a + tau_eff * d, w, acc)
@@ -145,7 +150,8 @@ def scaffold(kind, params, clients, rounds, lr, epochs, batch_size, server_lr=1.
   """SCAFFOLD (Karimireddy et al. 2020, Algorithm 1) in float64; returns ``(x, c, [c_i])``.
 
   Client: ``y ← y − η(g(y) − c_i + c)`` for ``K`` steps; option I ``c_i⁺ = ∇f_i(x)``, option II
-  ``c_i⁺ = c_i − c + (x − y)/(Kη)``. Server (unweighted means over the cohort ``S`` of ``N``):
+  ``c_i⁺ = c_i − c + (x − y)/(Kη)`` (``Σ_{t<K} η_t`` for ``Kη`` when ``lr`` is a schedule of the
+  local step). Server (unweighted means over the cohort ``S`` of ``N``):
   ``x ← x + η_g mean(Δy)``, ``c ← c + |S|/N · mean(Δc)``.
   """
   x_global = _tree(lambda a: np.asarray(a, np.float64), params)
@@ -162,7 +168,8 @@ def scaffold(kind, params, clients, rounds, lr, epochs, batch_size, server_lr=1.
       if option == "I":
         new_ci = grad(kind, x_global, x, y)
       else:
-        new_ci = _tree(lambda ci, cc, a, b: ci - cc + (a - b) / (steps * lr), c_clients[k], c,
+        rates = sum(float(lr(t)) for t in range(steps)) if callable(lr) else steps * lr
+        new_ci = _tree(lambda ci, cc, a, b: ci - cc + (a - b) / rates, c_clients[k], c,
                        x_global, yk)
       sum_dy = _tree(lambda s, a, b: s + (a - b), sum_dy, yk, x_global)
       sum_dc = _tree(lambda s, a, b: s + (a - b), sum_dc, new_ci, c_clients[k])

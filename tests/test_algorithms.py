@@ -152,6 +152,23 @@ def test_scaffold_matches_numpy_with_epochs_and_unequal_sizes(classification, op
   _close(res.state.client_states, jax.tree.map(lambda *a: np.stack(a), *c_i))
 
 
+def test_scaffold_option_ii_with_a_step_schedule_matches_numpy(classification):
+  """A client learning-rate schedule: option II divides x − y by Σ_{t<K} η_t (K times the mean
+  rate over the steps taken), against Algorithm 1 with that divisor in float64."""
+  import optax
+  fd, model = classification
+  init, seed, m = _init(model), 3, 4
+  schedule = optax.linear_schedule(0.2, 0.02, 6)
+  res = fs.simulate(alg.scaffold(client_lr=schedule, local_epochs=2, batch_size=4), model, fd,
+                    rounds=2, clients_per_round=m, seed=seed, init_params=init)
+  clients = _clients(fd)
+  x, c, c_i = reference.scaffold("softmax", init, clients, 2, schedule, 2, 4,
+                                 cohort=lambda r: cohort(seed, r, len(clients), m),
+                                 orders=replay_orders(seed, clients, 2))
+  _close(res.params, x)
+  _close(res.state.client_states, jax.tree.map(lambda *a: np.stack(a), *c_i))
+
+
 def test_scaffold_option_i_control_is_the_full_gradient_at_the_server_model(classification):
   """After one round, a sampled client's c_i is ∇f_i(x₀) — not the gradient at its final point."""
   fd, model = classification
@@ -258,6 +275,38 @@ def test_fednova_matches_numpy_with_epochs_and_unequal_sizes(classification):
                                cohort=lambda r: cohort(seed, r, len(clients), m),
                                orders=replay_orders(seed, clients, 2))
   _close(res.params, expected)
+
+
+def test_fednova_with_a_step_schedule_matches_numpy(classification):
+  """τ_k becomes Σ_{t<τ_k} η_t under a schedule of the local step (unequal τ_k)."""
+  import optax
+  fd, model = classification
+  init, seed, m = _init(model), 2, 4
+  schedule = optax.cosine_decay_schedule(0.2, 8, 0.1)
+  res = fs.simulate(alg.fednova(client_lr=schedule, local_epochs=2, batch_size=4), model, fd,
+                    rounds=2, clients_per_round=m, seed=seed, init_params=init)
+  clients = _clients(fd)
+  expected = reference.fednova("softmax", init, clients, 2, schedule, 2, 4,
+                               cohort=lambda r: cohort(seed, r, len(clients), m),
+                               orders=replay_orders(seed, clients, 2))
+  _close(res.params, expected)
+
+
+def test_fednova_aggregation_norms_of_a_schedule_are_rate_sums():
+  """A constant schedule gives η times the closed forms (the factor cancels in the rule); a
+  varying one sums each gradient's coefficient."""
+  const = lambda t: 0.1
+  for kw in ({}, {"momentum": 0.5}, {"mu": 2.0}):
+    np.testing.assert_allclose(aggregation_norm(3, const, **kw), 0.1 * aggregation_norm(3, 0.1, **kw),
+                               rtol=1e-6)
+  rates = [0.3, 0.2, 0.1]
+  lr = lambda t: jnp.asarray(rates)[t]
+  np.testing.assert_allclose(aggregation_norm(3, lr), 0.6, rtol=1e-6)
+  # momentum 0.5: g_0 is applied with 0.3 + 0.2·0.5 + 0.1·0.25, g_1 with 0.2 + 0.1·0.5, g_2 0.1
+  np.testing.assert_allclose(aggregation_norm(3, lr, momentum=0.5), 0.425 + 0.25 + 0.1, rtol=1e-6)
+  # proximal μ = 1: g_0 shrunk by (1 − 0.2)(1 − 0.1), g_1 by (1 − 0.1)
+  np.testing.assert_allclose(aggregation_norm(3, lr, mu=1.0), 0.3 * 0.72 + 0.2 * 0.9 + 0.1,
+                             rtol=1e-6)
 
 
 def test_fednova_aggregation_norms():

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any, Callable, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import optax
 
 WEIGHTINGS = ("num_examples", "uniform")
@@ -228,3 +229,20 @@ def run_hparams(algo: Algorithm, overrides: dict | None = None, swept=()) -> dic
   if swept and algo.derived is not None:
     data.update({k: float(v) for k, v in algo.derived(dict(values)).items()})
   return data
+
+
+def step_lr_sum(client_lr, num_steps, round_num=None, per: str = "step"):
+  """``Σ_{t<τ} η_t``, the sum of the learning rates of a client's ``τ = num_steps`` local steps.
+
+  ``client_lr`` is a float (``τ·η``), a schedule of the local step count (``per="step"``: the
+  count restarts at 0 every round, as a fresh optax optimizer's does), or a schedule of the 0-based
+  round (``per="round"``: ``τ·η(round − 1)``). Traced under ``jit`` and ``vmap``: the per-step sum
+  is a loop over the client's own ``τ``.
+  """
+  steps = jnp.asarray(num_steps, jnp.int32)
+  if not callable(client_lr):
+    return steps.astype(jnp.float32) * client_lr
+  if per == "round":
+    return steps.astype(jnp.float32) * jnp.asarray(client_lr(round_num - 1), jnp.float32)
+  return jax.lax.fori_loop(0, steps, lambda t, acc: acc + jnp.asarray(client_lr(t), jnp.float32),
+                           jnp.float32(0))

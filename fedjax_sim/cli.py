@@ -79,6 +79,8 @@ CONFIG_KEYS = {
     "system": ({}, "stragglers and dropouts: system.straggler_fraction, system.straggler_policy "
                "(drop | partial), system.dropout_rate"),
     "dissimilarity": (False, "measure the gradient dissimilarity at evaluated rounds"),
+    "per_client_metrics": (False, "also write every client's loss and accuracy at evaluated "
+                           "rounds to clients.jsonl in the run directory (fairness plots)"),
     "seed": (0, "the seed all randomness derives from"),
     "eval_every": (10, "evaluate every this many rounds (and after the last)"),
     "plan": ("auto", "cohort execution plan: auto | vmap | chunked | scan | host_loop"),
@@ -461,6 +463,40 @@ def load_dataset(config: dict):
   return loader(config["seed"], **options)
 
 
+class ClientMetricsLog:
+  """Writes ``clients.jsonl``: one line per evaluated round and data set, ``{"round", "split",
+  "client_ids", "loss", "accuracy"}`` (lists in the set's client order; accuracy for
+  classifiers), flushed as rounds finish."""
+
+  def __init__(self, path: str, sets: dict, keep_until: int | None = None):
+    """``keep_until``: a resumed run keeps the lines of rounds up to its checkpoint's."""
+    kept = []
+    if keep_until is not None and os.path.exists(path):
+      with open(path) as f:
+        for line in f:
+          try:
+            if json.loads(line)["round"] <= keep_until:
+              kept.append(line)
+          except (json.JSONDecodeError, KeyError):
+            break  # a line torn by the kill, and everything after it
+    self.file, self.ids = open(path, "w"), {k: v.client_ids for k, v in sets.items() if v}
+    self.file.writelines(kept)
+
+  def __call__(self, rows: list[dict]) -> None:
+    for row in rows:
+      for split, ids in self.ids.items():
+        if f"{split}_loss" not in row:
+          continue
+        line = {"round": row["round"], "split": split, "client_ids": ids,
+                **{m: [float(v) for v in row[f"{split}_{m}"]] for m in ("loss", "accuracy")
+                   if f"{split}_{m}" in row}}
+        self.file.write(json.dumps(line) + "\n")
+    self.file.flush()
+
+  def close(self) -> None:
+    self.file.close()
+
+
 class Progress:
   """Progress on stderr with rate and ETA (tqdm): a live bar on a terminal; otherwise one plain
   line at each tenth of the run (and at least every 30 s), so logs stay short. The postfix shows
@@ -725,6 +761,9 @@ def run(args) -> int:
   attack = build_attack(config)
   checkpoint_every, checkpoint_keep = _checkpoint_options(config)
   engine = engine_options(config)
+  if not isinstance(config["per_client_metrics"], bool):
+    raise ConfigError(f"per_client_metrics must be true or false, got "
+                      f"{config['per_client_metrics']!r}")
   run_args = dict(rounds=config["rounds"], clients_per_round=config["clients_per_round"],
                   client_fraction=config["client_fraction"], seed=config["seed"],
                   eval_every=config["eval_every"], plan=config["plan"],
@@ -777,12 +816,16 @@ def run(args) -> int:
 
   summary = {"status": "completed", "config": config}
   history, info = None, {}
+  client_log = (ClientMetricsLog(os.path.join(out, "clients.jsonl"), {"train": train, "test": test},
+                                 keep_until=None if checkpoint is None else checkpoint.round)
+                if config["per_client_metrics"] else None)
   try:
     result = simulate(algo, model, train, test=test, callback=on_rows, system=system,
                       aggregator=aggregator, attack=attack,
                       dissimilarity=bool(config["dissimilarity"]), checkpoint_dir=checkpoint_dir,
                       checkpoint_every=checkpoint_every, checkpoint_keep=checkpoint_keep,
-                      resume=checkpoint or False, **engine, **run_args)
+                      resume=checkpoint or False, **engine, **run_args,
+                      per_client_metrics=client_log is not None, client_callback=client_log)
     history, info = result.history, result.info
   except TrainingDiverged as e:
     history = e.history
@@ -798,6 +841,8 @@ def run(args) -> int:
     raise ConfigError(str(e)) from None
   finally:
     log.close()
+    if client_log is not None:
+      client_log.close()
     if progress:
       progress.close()
   if info:

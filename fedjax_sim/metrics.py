@@ -17,8 +17,12 @@ from fedjax_sim.models import Model, correct_from_outputs, loss_from_outputs
 EVAL_BATCH = 4096
 
 
+CLIENT_ARRAY_TAG = "_per_client_"  # in the key of a [num_clients] metric, e.g. test_per_client_loss
+
+
 def dataset_evaluator(model: Model, total: int, prefix: str, unroll: bool = False,
-                      num_clients: int | None = None, local: tuple | None = None):
+                      num_clients: int | None = None, local: tuple | None = None,
+                      client_arrays: bool = False):
   """``fn(params, (x, y, client_of_row, count), local_clients=None) -> metrics`` over the first
   ``count ≤ total`` flat examples (``total`` is the static row count; see :func:`eval_arrays`).
 
@@ -29,11 +33,18 @@ def dataset_evaluator(model: Model, total: int, prefix: str, unroll: bool = Fals
   over the flat example array). For classifiers with ``num_clients``, also the fairness of the
   global model across clients (Li et al. 2020, "Fair Resource Allocation in Federated Learning",
   arXiv:1905.10497): the unweighted mean and the 10th / 90th percentiles of the per-client accuracy,
-  ``{prefix}_client_accuracy_mean|p10|p90``.
+  ``{prefix}_client_accuracy_mean|p10|p90``. With ``client_arrays`` (needs ``num_clients``), also
+  every client's own mean loss and (classifiers) accuracy, ``[num_clients]`` arrays
+  ``{prefix}_per_client_loss`` and ``{prefix}_per_client_accuracy`` (the accuracies the spread is
+  computed from).
   """
+  if client_arrays and num_clients is None:
+    raise ValueError("client_arrays needs num_clients")
   batch = min(EVAL_BATCH, total)
   num_batches = -(-total // batch)
   per_client = model.is_classifier and num_clients is not None
+  by_client_shape = num_clients if per_client else ()
+  loss_shape = num_clients if client_arrays else ()
 
   def evaluate(params, arrays, local_clients=None):
     x, y, client_of_row, count = arrays
@@ -47,28 +58,46 @@ def dataset_evaluator(model: Model, total: int, prefix: str, unroll: bool = Fals
         owners = jnp.minimum(client_of_row[rows], num_clients - 1)
         out = personal.personalized_apply(model.apply, params, [a[owners] for a in local_clients],
                                           local, x[rows])
-      loss = jnp.sum(loss_from_outputs(model.task, out, y[rows]) * real)
+      losses = loss_from_outputs(model.task, out, y[rows]) * real
+      loss_by_client = (jax.ops.segment_sum(losses, client_of_row[rows], num_segments=num_clients)
+                        if client_arrays else acc[3])
       if not model.is_classifier:
-        return (acc[0] + loss, acc[1], acc[2]), None
+        return (acc[0] + jnp.sum(losses), acc[1], acc[2], acc[3] + loss_by_client * client_arrays
+                ), None
       correct = correct_from_outputs(model.task, out, y[rows]) * real
       by_client = (jax.ops.segment_sum(correct, client_of_row[rows], num_segments=num_clients)
                    if per_client else acc[2])
-      return (acc[0] + loss, acc[1] + jnp.sum(correct), acc[2] + by_client * per_client), None
-    init = (jnp.float32(0), jnp.float32(0), jnp.zeros(num_clients if per_client else (), jnp.float32))
-    (loss, correct, by_client), _ = lax.scan(body, init, jnp.arange(num_batches), unroll=unroll)
+      return (acc[0] + jnp.sum(losses), acc[1] + jnp.sum(correct), acc[2] + by_client * per_client,
+              acc[3] + loss_by_client * client_arrays), None
+    init = (jnp.float32(0), jnp.float32(0), jnp.zeros(by_client_shape, jnp.float32),
+            jnp.zeros(loss_shape, jnp.float32))
+    (loss, correct, by_client, loss_by_client), _ = lax.scan(body, init, jnp.arange(num_batches),
+                                                             unroll=unroll)
     count = count.astype(jnp.float32)
     metrics = {f"{prefix}_loss": loss / count}
     if model.is_classifier:
       metrics[f"{prefix}_accuracy"] = correct / count
-    if per_client:
+    if per_client or client_arrays:
       counts = jax.ops.segment_sum(jnp.ones(total, jnp.float32), client_of_row[:total],
                                    num_segments=num_clients)  # padding rows have id num_clients
-      accuracy = by_client / jnp.maximum(counts, 1.0)
+      counts = jnp.maximum(counts, 1.0)
+    if per_client:
+      accuracy = by_client / counts
       metrics[f"{prefix}_client_accuracy_mean"] = jnp.mean(accuracy)
       metrics[f"{prefix}_client_accuracy_p10"] = jnp.percentile(accuracy, 10)
       metrics[f"{prefix}_client_accuracy_p90"] = jnp.percentile(accuracy, 90)
+      if client_arrays:
+        metrics[f"{prefix}{CLIENT_ARRAY_TAG}accuracy"] = accuracy
+    if client_arrays:
+      metrics[f"{prefix}{CLIENT_ARRAY_TAG}loss"] = loss_by_client / counts
     return metrics
   return evaluate
+
+
+def split_client_arrays(metrics: dict) -> dict:
+  """Removes the ``[..., num_clients]`` per-client metrics (``*_per_client_*`` keys) from
+  ``metrics`` and returns them."""
+  return {k: metrics.pop(k) for k in [k for k in metrics if CLIENT_ARRAY_TAG in k]}
 
 
 def client_of_row(num_examples: np.ndarray) -> np.ndarray:

@@ -78,11 +78,15 @@ class SimulationResult:
     info: plan, buckets, padding waste, compilations, timings.
     state: the final server state (:class:`fedjax_sim.ServerState`: params, server optimizer
       state, the algorithm's server and per-client states, the aggregator's states).
+    clients: with ``per_client_metrics=True``, every client's own metrics at the evaluated rounds:
+      ``round`` (``[E]``) and ``{train,test}_{loss,accuracy}`` (``[E, num_clients of that set]``,
+      clients in the data's order; accuracy for classifiers); else ``None``.
   """
   params: Any
   history: dict
   info: dict = field(default_factory=dict)
   state: Any = None
+  clients: dict | None = None
 
 
 def _check_labels(model: Model, params, data: FederatedData, name: str) -> None:
@@ -378,7 +382,8 @@ def simulate(algorithm: Algorithm, model: Model, train: FederatedData, rounds: i
              callback: Callable[[list[dict]], None] | None = None,
              checkpoint_dir: str | None = None, checkpoint_every: int | None = None,
              checkpoint_keep: int = 2, resume=False, init_state=None,
-             start_round: int | None = None) -> SimulationResult:
+             start_round: int | None = None, per_client_metrics: bool = False,
+             client_callback: Callable[[list[dict]], None] | None = None) -> SimulationResult:
   """Simulates ``rounds`` rounds of federated training.
 
   Args:
@@ -446,6 +451,11 @@ def simulate(algorithm: Algorithm, model: Model, train: FederatedData, rounds: i
       ``simulate(..., rounds=200, init_state=r.state, start_round=101)`` continues a 100-round
       result ``r`` as if it had run 200 rounds (the server optimizer's and the per-client states
       carry over, and rounds 101..200 draw the cohorts of an uninterrupted run).
+    per_client_metrics: also keep every client's own loss and accuracy at evaluated rounds (the
+      values behind ``*_client_accuracy_mean/p10/p90``), in ``result.clients``; for fairness plots.
+    client_callback: with ``per_client_metrics``, called after each block with one dict per
+      evaluated round: ``round`` and ``{train,test}_{loss,accuracy}`` arrays over that set's
+      clients.
 
   Returns:
     A :class:`SimulationResult`.
@@ -485,7 +495,10 @@ def simulate(algorithm: Algorithm, model: Model, train: FederatedData, rounds: i
   eval_sets = {} if streaming else {"train": train}
   if test is not None:
     eval_sets["test"] = test
-  evaluate = evaluator(model, eval_sets, chosen.unroll, local=local)
+  if not isinstance(per_client_metrics, bool):
+    raise ValueError(f"per_client_metrics must be True or False, got {per_client_metrics!r}")
+  evaluate = evaluator(model, eval_sets, chosen.unroll, local=local,
+                       client_arrays=per_client_metrics)
   eval_data = [metrics_lib.eval_arrays(d) for d in eval_sets.values()]
   engine = engine_lib.build_engine(model, algorithm, train, chosen, cohort_size,
                                   jax.random.fold_in(key, STREAM_TRAIN), evaluate, eval_data,
@@ -513,6 +526,7 @@ def simulate(algorithm: Algorithm, model: Model, train: FederatedData, rounds: i
           train.num_examples, [np.arange(train.num_clients)], algorithm),
   }
 
+  clients: dict[str, list] | None = {"round": []} if per_client_metrics else None
   state = engine.init_state(params)
   fingerprint = run_fingerprint(
       algorithm=algorithm, model=model, params=params, train=train, test=test,
@@ -537,6 +551,7 @@ def simulate(algorithm: Algorithm, model: Model, train: FederatedData, rounds: i
       state, metrics = engine.run_block(state, jnp.asarray(round_nums), jnp.asarray(active),
                                         jnp.asarray(do_eval))
       metrics = jax.device_get(metrics)
+      client_arrays = metrics_lib.split_client_arrays(metrics)
       elapsed = time.perf_counter() - start
       block_seconds.append(elapsed - sum(block_seconds))
       rows, diverged = history_rows(metrics, round_nums, active, do_eval, elapsed_before + elapsed,
@@ -545,6 +560,13 @@ def simulate(algorithm: Algorithm, model: Model, train: FederatedData, rounds: i
       for row in rows:
         for k, v in row.items():
           history.setdefault(k, []).append(v)
+      if clients is not None:
+        client_rows = per_client_rows(client_arrays, rows, round_nums)
+        for row in client_rows:
+          for k, v in row.items():
+            clients.setdefault(k, []).append(v)
+        if client_callback is not None and client_rows:
+          client_callback(client_rows)
       if diverged is not None:
         if callback is not None and rows:
           callback(rows)
@@ -561,12 +583,16 @@ def simulate(algorithm: Algorithm, model: Model, train: FederatedData, rounds: i
       if stop.requested and last < rounds:
         info.update(seconds=time.perf_counter() - start, block_seconds=block_seconds,
                     compilations=compilations(engine), interrupted_after_round=last)
-        raise SimulationInterrupted(last, SimulationResult(state.params, history, info, state),
-                                    saved)
+        raise SimulationInterrupted(last, SimulationResult(state.params, history, info, state,
+                                                           _client_arrays(clients)), saved)
   info["seconds"] = time.perf_counter() - start
   info["block_seconds"] = block_seconds  # the first includes compilation
   info["compilations"] = compilations(engine)
-  return SimulationResult(state.params, history, info, state)
+  return SimulationResult(state.params, history, info, state, _client_arrays(clients))
+
+
+def _client_arrays(clients: dict | None) -> dict | None:
+  return None if clients is None else {k: np.asarray(v) for k, v in clients.items()}
 
 
 class _InterruptFlag:
@@ -710,13 +736,14 @@ def initial_params(model: Model, seed: int, init_params=None):
 
 
 def evaluator(model: Model, eval_sets: dict, unroll: bool, rows: dict | None = None,
-              local: tuple | None = None):
+              local: tuple | None = None, client_arrays: bool = False):
   """``fn(params, [arrays per set], local_clients) -> metrics`` of every named evaluation set;
   ``rows[name]`` is a set's padded row count (default its own size); with ``local``, scored per
-  client (:func:`fedjax_sim.metrics.dataset_evaluator`)."""
+  client; ``client_arrays`` adds every client's metrics
+  (:func:`fedjax_sim.metrics.dataset_evaluator`)."""
   rows = rows or {}
   evaluators = [metrics_lib.dataset_evaluator(model, rows.get(name, d.total_examples), name,
-                                              unroll, d.num_clients, local)
+                                              unroll, d.num_clients, local, client_arrays)
                 for name, d in eval_sets.items()]
   return lambda p, arrays, local_clients=None: {
       k: v for ev, xy in zip(evaluators, arrays) for k, v in ev(p, xy, local_clients).items()}
@@ -729,6 +756,15 @@ def blocks(rounds: int, block_len: int, eval_every: int, start: int = 1):
     round_nums = np.arange(first, first + block_len, dtype=np.int32)
     active = round_nums <= rounds
     yield round_nums, active, active & ((round_nums % eval_every == 0) | (round_nums == rounds))
+
+
+def per_client_rows(client_arrays: dict, rows: list[dict], round_nums) -> list[dict]:
+  """One dict per evaluated round of ``rows``: ``round`` and each ``{set}_per_client_{metric}``
+  array of that round, renamed ``{set}_{metric}``."""
+  index = {int(r): i for i, r in enumerate(round_nums)}
+  tag = metrics_lib.CLIENT_ARRAY_TAG
+  return [{"round": row["round"], **{k.replace(tag, "_"): np.asarray(v[index[row["round"]]])
+                                     for k, v in client_arrays.items()}} for row in rows]
 
 
 def history_rows(metrics: dict, round_nums, active, do_eval, elapsed: float, columns=None):

@@ -521,6 +521,53 @@ def test_per_client_accuracy_percentiles():
   np.testing.assert_allclose(out["test_client_accuracy_p90"], np.percentile(acc, 90))
 
 
+def test_per_client_metric_arrays_are_each_clients_own():
+  """client_arrays: every client's accuracy (the values behind the spread) and mean loss, also
+  with padding rows and for a regression model (loss only)."""
+  model = fs.models.softmax_regression(2, 2)
+  params = {"kernel": jnp.array([[1.0, 0.0], [0.0, 0.0]]), "bias": jnp.zeros(2)}
+  xs = [np.array([[1.0, 0], [-1, 0]]), np.array([[1.0, 0], [1, 0]]), np.array([[1.0, 0]])]
+  ys = [np.array([0, 1]), np.array([0, 1]), np.array([1])]
+  fd = fs.FederatedData.from_arrays(xs, ys)
+  out = metrics.dataset_evaluator(model, 7, "train", num_clients=3, client_arrays=True)(
+      params, metrics.eval_arrays(fd, rows=7))
+  np.testing.assert_allclose(out["train_per_client_accuracy"], [1.0, 0.5, 0.0])
+  want = [float(model.loss(params, jnp.asarray(x), jnp.asarray(y))) for x, y in zip(xs, ys)]
+  np.testing.assert_allclose(out["train_per_client_loss"], want, rtol=1e-6)
+  assert metrics.split_client_arrays(out).keys() == {"train_per_client_accuracy",
+                                                     "train_per_client_loss"}
+  assert "train_per_client_loss" not in out and "train_client_accuracy_p10" in out
+  reg = fs.models.linear_regression(2, use_bias=False)
+  zero = jax.tree.map(jnp.zeros_like, reg.init(jax.random.key(0)))
+  fd_reg = fs.FederatedData.from_arrays(xs, [np.array([1.5, 0.5]), np.array([2.5, 1.0]),
+                                             np.array([0.5])])
+  out = metrics.dataset_evaluator(reg, 5, "test", num_clients=3, client_arrays=True)(
+      zero, metrics.eval_arrays(fd_reg))
+  np.testing.assert_allclose(out["test_per_client_loss"], [0.625, 1.8125, 0.125], rtol=1e-6)
+  assert "test_per_client_accuracy" not in out
+
+
+def test_simulate_keeps_per_client_metrics_of_evaluated_rounds(classification):
+  fd, model = classification
+  test = fd.subset([1, 3, 5])
+  seen = []
+  res = fs.simulate(alg.fedavg(client_lr=0.1, batch_size=4), model, fd, test=test, rounds=3,
+                    eval_every=2, clients_per_round=3, per_client_metrics=True,
+                    client_callback=seen.extend)
+  c = res.clients
+  assert c["round"].tolist() == res.history["round"] == [2, 3] == [r["round"] for r in seen]
+  assert c["train_accuracy"].shape == (2, 6) and c["test_loss"].shape == (2, 3)
+  np.testing.assert_allclose(c["train_accuracy"].mean(1), res.history["train_client_accuracy_mean"],
+                             rtol=1e-6)
+  np.testing.assert_allclose(np.percentile(c["test_accuracy"], 10, axis=1),
+                             res.history["test_client_accuracy_p10"], rtol=1e-6)
+  np.testing.assert_allclose(c["train_loss"] @ fd.num_examples / fd.total_examples,
+                             res.history["train_loss"], rtol=1e-5)
+  np.testing.assert_array_equal(seen[-1]["test_loss"], c["test_loss"][-1])
+  with pytest.raises(ValueError, match="per_client_metrics must be True or False, got 1"):
+    fs.simulate(alg.fedavg(), model, fd, rounds=1, per_client_metrics=1)
+
+
 def test_gradient_dissimilarity_matches_numpy():
   fd, a_mats, optima = _quadratic_clients(num_clients=4, dim=3, n=6, seed=2)
   fd = fs.FederatedData.from_arrays([fd.client(i)[0][:2 + i] for i in range(4)],

@@ -263,12 +263,19 @@ def test_every_simulate_option_is_a_config_key(tmp_path, capsys):
           "--set", "client_lr_schedule_options.decay_steps=5",
           "--set", "algorithm='fedavgm'", "--set", "server_lr_schedule='exponential'",
           "--set", "server_lr_schedule_options.transition_steps=1",
-          "--set", "server_lr_schedule_options.decay_rate=0.5"]
+          "--set", "server_lr_schedule_options.decay_rate=0.5", "--set", "eval_every=2",
+          "--set", "per_client_metrics=true"]
   assert main(args) == 0, capsys.readouterr().err
+  lines = [json.loads(l) for l in (out / "clients.jsonl").read_text().splitlines()]
+  assert [(l["round"], l["split"]) for l in lines] == [(2, "test"), (3, "test")]
+  assert lines[0]["client_ids"] == ["c0", "c1", "c2", "c3"]
+  assert len(lines[0]["loss"]) == len(lines[0]["accuracy"]) == 4
   summary = json.loads((out / "summary.json").read_text())
   assert summary["engine"]["population"] == "host" and summary["engine"]["num_buckets"] == 1
   assert {"test_accuracy", "test_loss"} <= summary["final"].keys()
   assert "train_accuracy" not in summary["final"]  # host population: only test is evaluated
+  np.testing.assert_allclose(np.mean(lines[-1]["accuracy"]),
+                             summary["final"]["test_client_accuracy_mean"], rtol=1e-6)
 
 
 def test_optimizer_and_schedules_from_the_config_are_optax_ones():

@@ -1064,7 +1064,7 @@ def _parser() -> argparse.ArgumentParser:
       description="Run a federated experiment; with no arguments, the embedded default.",
       epilog="config keys (TOML file or --set key=value; values parse as TOML, 'none' = unset):\n"
              + keys + "\n\nexample:\n  fedjax-sim run --set rounds=50 --set client_lr=0.1 "
-             "--set dataset=fedprox_synthetic --set dataset_options.alpha=1.0")
+             "--set dataset=fedprox_synthetic --set dataset_options.beta=1.0")
   run_p.add_argument("--config", help="TOML file of config keys")
   run_p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one key")
   run_p.add_argument("--out", help="run directory (default: a new one under runs/)")

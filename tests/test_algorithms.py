@@ -278,18 +278,41 @@ def test_fednova_matches_numpy_with_epochs_and_unequal_sizes(classification):
 
 
 def test_fednova_with_a_step_schedule_matches_numpy(classification):
-  """τ_k becomes Σ_{t<τ_k} η_t under a schedule of the local step (unequal τ_k)."""
+  """τ_k becomes Σ_{t<τ_k} η_t under a schedule of the local step (unequal τ_k). The same run
+  (one compilation) keeps its per-client metrics: checked in :func:`_check_per_client`."""
   import optax
   fd, model = classification
   init, seed, m = _init(model), 2, 4
   schedule = optax.cosine_decay_schedule(0.2, 8, 0.1)
+  test, seen = fd.subset([1, 3, 5]), []
   res = fs.simulate(alg.fednova(client_lr=schedule, local_epochs=2, batch_size=4), model, fd,
-                    rounds=2, clients_per_round=m, seed=seed, init_params=init)
+                    rounds=3, eval_every=2, clients_per_round=m, seed=seed, init_params=init,
+                    test=test, per_client_metrics=True, client_callback=seen.extend)
   clients = _clients(fd)
-  expected = reference.fednova("softmax", init, clients, 2, schedule, 2, 4,
+  expected = reference.fednova("softmax", init, clients, 3, schedule, 2, 4,
                                cohort=lambda r: cohort(seed, r, len(clients), m),
                                orders=replay_orders(seed, clients, 2))
   _close(res.params, expected)
+  _check_per_client(res, fd, seen)
+
+
+def _check_per_client(res, fd, seen):
+  """``per_client_metrics=True``: every client's metrics at the evaluated rounds (2 and 3 of 3,
+  train and a 3-client test set), consistent with the history's spread and means and with what
+  ``client_callback`` received."""
+  c = res.clients
+  assert c["round"].tolist() == res.history["round"] == [2, 3] == [r["round"] for r in seen]
+  assert c["train_accuracy"].shape == (2, fd.num_clients) and c["test_loss"].shape == (2, 3)
+  np.testing.assert_allclose(c["train_accuracy"].mean(1), res.history["train_client_accuracy_mean"],
+                             rtol=1e-6)
+  np.testing.assert_allclose(np.percentile(c["test_accuracy"], 10, axis=1),
+                             res.history["test_client_accuracy_p10"], rtol=1e-6)
+  np.testing.assert_allclose(c["train_loss"] @ fd.num_examples / fd.total_examples,
+                             res.history["train_loss"], rtol=1e-5)
+  np.testing.assert_array_equal(seen[-1]["test_loss"], c["test_loss"][-1])
+  with pytest.raises(ValueError, match="per_client_metrics must be True or False, got 1"):
+    fs.simulate(alg.fedavg(), fs.models.softmax_regression(5, 3), fd, rounds=1,
+                per_client_metrics=1)
 
 
 def test_fednova_aggregation_norms_of_a_schedule_are_rate_sums():
@@ -545,27 +568,6 @@ def test_per_client_metric_arrays_are_each_clients_own():
       zero, metrics.eval_arrays(fd_reg))
   np.testing.assert_allclose(out["test_per_client_loss"], [0.625, 1.8125, 0.125], rtol=1e-6)
   assert "test_per_client_accuracy" not in out
-
-
-def test_simulate_keeps_per_client_metrics_of_evaluated_rounds(classification):
-  fd, model = classification
-  test = fd.subset([1, 3, 5])
-  seen = []
-  res = fs.simulate(alg.fedavg(client_lr=0.1, batch_size=4), model, fd, test=test, rounds=3,
-                    eval_every=2, clients_per_round=3, per_client_metrics=True,
-                    client_callback=seen.extend)
-  c = res.clients
-  assert c["round"].tolist() == res.history["round"] == [2, 3] == [r["round"] for r in seen]
-  assert c["train_accuracy"].shape == (2, 6) and c["test_loss"].shape == (2, 3)
-  np.testing.assert_allclose(c["train_accuracy"].mean(1), res.history["train_client_accuracy_mean"],
-                             rtol=1e-6)
-  np.testing.assert_allclose(np.percentile(c["test_accuracy"], 10, axis=1),
-                             res.history["test_client_accuracy_p10"], rtol=1e-6)
-  np.testing.assert_allclose(c["train_loss"] @ fd.num_examples / fd.total_examples,
-                             res.history["train_loss"], rtol=1e-5)
-  np.testing.assert_array_equal(seen[-1]["test_loss"], c["test_loss"][-1])
-  with pytest.raises(ValueError, match="per_client_metrics must be True or False, got 1"):
-    fs.simulate(alg.fedavg(), model, fd, rounds=1, per_client_metrics=1)
 
 
 def test_gradient_dissimilarity_matches_numpy():

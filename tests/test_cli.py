@@ -242,42 +242,6 @@ def test_every_public_module_is_reachable_from_the_package():
   assert fs.ServerState is fs.engine.ServerState and "ServerState" in fs.__all__
 
 
-def test_every_simulate_option_is_a_config_key(tmp_path, capsys):
-  """population, bucketing, a named client optimizer with options, client and server schedules
-  and a held-out test split of a .npz file, all from --set, in one run."""
-  rng = np.random.default_rng(1)
-  path = tmp_path / "clients.npz"
-  arrays = {}
-  for k, n in enumerate([9, 14, 6, 20]):
-    arrays[f"x/c{k}"] = rng.normal(size=(n, 3)).astype(np.float32)
-    arrays[f"y/c{k}"] = rng.integers(0, 3, n)
-  np.savez(path, **arrays)
-  out = tmp_path / "run"
-  args = ["run", "--out", str(out), "--quiet", "--set", "dataset=npz",
-          "--set", f"dataset_options.path='{path}'", "--set", "dataset_options.test_fraction=0.25",
-          "--set", "clients_per_round=2", "--set", "rounds=3", "--set", "batch_size=4",
-          "--set", "population='host'", "--set", "bucketing=false",
-          "--set", "client_optimizer='adam'", "--set", "client_optimizer_options.b1=0.8",
-          "--set", "client_lr_schedule='warmup_cosine'",
-          "--set", "client_lr_schedule_options.warmup_steps=2",
-          "--set", "client_lr_schedule_options.decay_steps=5",
-          "--set", "algorithm='fedavgm'", "--set", "server_lr_schedule='exponential'",
-          "--set", "server_lr_schedule_options.transition_steps=1",
-          "--set", "server_lr_schedule_options.decay_rate=0.5", "--set", "eval_every=2",
-          "--set", "per_client_metrics=true"]
-  assert main(args) == 0, capsys.readouterr().err
-  lines = [json.loads(l) for l in (out / "clients.jsonl").read_text().splitlines()]
-  assert [(l["round"], l["split"]) for l in lines] == [(2, "test"), (3, "test")]
-  assert lines[0]["client_ids"] == ["c0", "c1", "c2", "c3"]
-  assert len(lines[0]["loss"]) == len(lines[0]["accuracy"]) == 4
-  summary = json.loads((out / "summary.json").read_text())
-  assert summary["engine"]["population"] == "host" and summary["engine"]["num_buckets"] == 1
-  assert {"test_accuracy", "test_loss"} <= summary["final"].keys()
-  assert "train_accuracy" not in summary["final"]  # host population: only test is evaluated
-  np.testing.assert_allclose(np.mean(lines[-1]["accuracy"]),
-                             summary["final"]["test_client_accuracy_mean"], rtol=1e-6)
-
-
 def test_optimizer_and_schedules_from_the_config_are_optax_ones():
   import jax.numpy as jnp
   import optax

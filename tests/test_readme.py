@@ -8,6 +8,7 @@ command leaves the cohort at the default 500 of 5,000 clients, 5 clients per rou
 of 0.001 where it gives ``client_fraction``).
 """
 
+import json
 import pathlib
 import re
 import shlex
@@ -72,3 +73,20 @@ def test_readme_command_runs_as_written(argv, tmp_path, monkeypatch, capsys):
   captured = capsys.readouterr()
   assert code == 0, captured.err
   assert "Traceback" not in captured.err and captured.out
+  if argv[:1] == ["run"] and "--help" not in argv:  # the run directory the README describes
+    out = pathlib.Path(argv[argv.index("--out") + 1]) if "--out" in argv else \
+        next((tmp_path / "runs").iterdir())
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "completed" and (out / "curves.png").exists()
+    rows = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["round"] for r in rows] == [1]
+    if "per_client_metrics=true" in argv:  # every client's metrics, one line per data set
+      lines = [json.loads(l) for l in (out / "clients.jsonl").read_text().splitlines()]
+      assert {l["split"] for l in lines} == set(["test"] if "population=\"host\"" in argv
+                                               else ["train", "test"])
+      for line in lines:
+        assert len(line["client_ids"]) == len(line["loss"]) == len(line["accuracy"])
+      final = summary["final"]
+      test = next(l for l in lines if l["split"] == "test")
+      np.testing.assert_allclose(np.mean(test["accuracy"]), final["test_client_accuracy_mean"],
+                                 rtol=1e-6)

@@ -257,6 +257,9 @@ def test_optimizer_and_schedules_from_the_config_are_optax_ones():
   for count in (0, 1, 3, 7, 12):
     assert float(got(count)) == float(want(count))
   algo = build_algorithm(config)
+  assert build_algorithm({**config, "algorithm": "fedsgd", "client_optimizer": "sgd",
+                          "client_lr_schedule": "constant", "client_lr_schedule_options": {},
+                          "client_optimizer_options": {}}).name == "fedsgd"  # server schedule
   reference = optax.adam(want, b2=0.9)
   params, grads = {"w": jnp.ones(3)}, [{"w": jnp.array([1.0, -2.0, 0.5]) * i} for i in (1, 2, 3)]
   s1, s2 = algo.client_optimizer.init(params), reference.init(params)
@@ -282,6 +285,9 @@ def test_optimizer_and_schedules_from_the_config_are_optax_ones():
     (["client_optimizer='adam'", "algorithm='scaffold'"],
      "algorithm 'scaffold' takes no client_optimizer"),
     (["client_optimizer='adam'", "client_lr_per='round'"], "client_lr_per='round' scales plain"),
+    (["algorithm='fedsgd'", "client_lr_schedule='warmup'",
+      "client_lr_schedule_options.warmup_steps=2"], "fedsgd's one step is the server's"),
+    (["server_lr_schedule_options.decay_steps=2"], "given without a server_lr_schedule"),
     (["population='cloud'"], "population must be 'device' or 'host', got 'cloud'"),
     (["bucketing=2"], "bucketing must be true or false, got 2"),
     (["population='host'", "dissimilarity=true"], "population='host' streams cohorts"),

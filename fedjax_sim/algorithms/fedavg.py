@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import optax
 
-from fedjax_sim._checks import positive_float, positive_int
+from fedjax_sim._checks import positive_int
 from fedjax_sim.algorithms._base import (Algorithm, Hooks, check_optimizer, check_weighting,
                                          hparam_optimizer, learning_rate)
 
@@ -94,10 +94,10 @@ def sgd_optimizer(lr_key: str, lr, hparams: dict, momentum_key: str | None = Non
 
 def fedsgd(server_lr: float = 0.1, **kwargs) -> Algorithm:
   """FedSGD: each client computes one full-batch gradient ``g_k``; the server steps
-  ``w ← w − η Σ n_k g_k / Σ n_k``. Implemented as a client taking one full-batch step of size 1
-  and a server SGD of size ``η`` on the pseudo-gradient, which is exactly the mean gradient."""
+  ``w ← w − η Σ n_k g_k / Σ n_k`` (``η`` a float or a schedule of the round count). Implemented as
+  a client taking one full-batch step of size 1 and a server SGD of size ``η`` on the pseudo-gradient, which is exactly the mean gradient."""
   algo = fedavg(client_lr=1.0, local_epochs=1, batch_size=None,
-                server_lr=positive_float("server_lr", server_lr), **kwargs)
+                server_lr=learning_rate("server_lr", server_lr), **kwargs)
   # the client's step of 1 is what makes this FedSGD: a constant, not a hyperparameter
   return algo._replace(name="fedsgd",
                        hparams={k: v for k, v in algo.hparams.items() if k != "client_lr"},

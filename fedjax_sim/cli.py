@@ -81,6 +81,9 @@ CONFIG_KEYS = {
     "dissimilarity": (False, "measure the gradient dissimilarity at evaluated rounds"),
     "per_client_metrics": (False, "also write every client's loss and accuracy at evaluated "
                            "rounds to clients.jsonl in the run directory (fairness plots)"),
+    "finetune_steps": (None, "also evaluate each training client's model fine-tuned with this "
+                       "many local steps on its own training data (train/test_finetuned_* "
+                       "metrics; the test split must hold the training clients)"),
     "seed": (0, "the seed all randomness derives from"),
     "eval_every": (10, "evaluate every this many rounds (and after the last)"),
     "plan": ("auto", "cohort execution plan: auto | vmap | chunked | scan | host_loop"),
@@ -755,7 +758,7 @@ def run(args) -> int:
     config = resolve_config(args.config, args.set or [])
   algo, model, train, test = build_experiment(config)
   from fedjax_sim.simulation import (SimulationInterrupted, TrainingDiverged, check_arguments,
-                                     check_attack, simulate)
+                                     check_attack, check_finetune, simulate)
   system = build_system(config["system"])
   aggregator = build_aggregator(config)
   attack = build_attack(config)
@@ -774,6 +777,7 @@ def run(args) -> int:
     import jax
     from fedjax_sim import aggregators
     check_attack(attack, model, model.init(jax.random.key(0)), train)
+    check_finetune(config["finetune_steps"], train, test, False)
     expected = how.rate * train.num_clients if how.kind == "poisson" else cohort_size
     aggregators.prepare(aggregator, aggregators.CohortInfo(expected, train.num_clients,
                                                            cohort_size))
@@ -822,7 +826,8 @@ def run(args) -> int:
   try:
     result = simulate(algo, model, train, test=test, callback=on_rows, system=system,
                       aggregator=aggregator, attack=attack,
-                      dissimilarity=bool(config["dissimilarity"]), checkpoint_dir=checkpoint_dir,
+                      dissimilarity=bool(config["dissimilarity"]),
+                      finetune_steps=config["finetune_steps"], checkpoint_dir=checkpoint_dir,
                       checkpoint_every=checkpoint_every, checkpoint_keep=checkpoint_keep,
                       resume=checkpoint or False, **engine, **run_args,
                       per_client_metrics=client_log is not None, client_callback=client_log)

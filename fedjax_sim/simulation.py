@@ -69,7 +69,10 @@ class SimulationResult:
     history: one entry per evaluated round: ``round`` (1-based), ``train_loss`` and, where they
       apply, ``train_accuracy``, ``test_loss``, ``test_accuracy``, the per-client accuracy spread
       ``{train,test}_client_accuracy_{mean,p10,p90}``, ``grad_dissimilarity`` and ``grad_norm_sq``
-      (with ``dissimilarity=True``); that round's client drift ``drift`` (``Σ p_k ‖θ_k − θ̄‖²``),
+      (with ``dissimilarity=True``); with ``finetune_steps``, the fine-tuned metrics
+      ``{train,test}_finetuned_{loss,accuracy,client_accuracy_mean,..._p10,..._p90}``; for an
+      algorithm with personal models (Ditto), ``{train,test}_personal_*`` likewise; that round's
+      client drift ``drift`` (``Σ p_k ‖θ_k − θ̄‖²``),
       ``update_norm_mean``, ``update_norm_max`` and ``participants``; under Poisson sampling
       ``drawn`` (clients drawn that round); with a DP aggregator ``epsilon`` (cumulative, at the
       aggregator's δ); ``bytes_up`` (what the clients that returned sent, in the aggregator's
@@ -137,6 +140,24 @@ def check_local_params(local_params, algorithm: Algorithm, params, train: Federa
                      f"split of each training client, but it has {test.num_clients} clients "
                      f"and train has {train.num_clients}")
   return local
+
+
+def check_finetune(finetune_steps, train: FederatedData, test: FederatedData | None,
+                   streaming: bool) -> int | None:
+  """``finetune_steps`` (a non-negative int or ``None``), checked against what can run it."""
+  if finetune_steps is None:
+    return None
+  if isinstance(finetune_steps, bool) or not isinstance(finetune_steps, (int, np.integer)) \
+      or finetune_steps < 0:
+    raise ValueError(f"finetune_steps must be a non-negative integer, got {finetune_steps!r}")
+  if streaming:
+    raise ValueError("finetune_steps needs the training population on the device (every client "
+                     "fine-tunes on its own training examples); population='host' cannot run it")
+  if test is not None and test.num_clients != train.num_clients:
+    raise ValueError(f"with finetune_steps, each client is evaluated on its own examples: test "
+                     f"must hold a held-out split of each training client, but it has "
+                     f"{test.num_clients} clients and train has {train.num_clients}")
+  return int(finetune_steps)
 
 
 def _check_init_params(params, expected, model_name: str) -> None:
@@ -378,7 +399,7 @@ def simulate(algorithm: Algorithm, model: Model, train: FederatedData, rounds: i
              rounds_per_block: int | None = None, bucketing: bool | str = "auto",
              system: systems.Heterogeneity | None = None, dissimilarity: bool = False,
              population: str = "device", aggregator=None, sampling: str = "fixed",
-             attack=None, local_params=None,
+             attack=None, local_params=None, finetune_steps: int | None = None,
              callback: Callable[[list[dict]], None] | None = None,
              checkpoint_dir: str | None = None, checkpoint_every: int | None = None,
              checkpoint_keep: int = 2, resume=False, init_state=None,
@@ -427,6 +448,14 @@ def simulate(algorithm: Algorithm, model: Model, train: FederatedData, rounds: i
       (``["params/Dense_1/*"]``, FedPer's personal layers) or a function of the path. Each
       population client keeps its own copy on the device; evaluation is then personalized (each
       example scored by its client's model), so ``test`` must split the training clients' data.
+    finetune_steps: also measure the fine-tuned (personalized) model at evaluated rounds: every
+      training client fine-tunes the current global model with ``k = finetune_steps`` local steps
+      on its own training examples (the algorithm's client optimizer, batch size and shuffling,
+      without its hooks) and is scored on its own examples of ``train`` and of ``test``, which
+      must then hold a held-out split of each training client (history keys
+      ``{train,test}_finetuned_{loss,accuracy}`` and ``..._finetuned_client_accuracy_{mean,p10,
+      p90}``; :mod:`fedjax_sim.engine.personal_eval`). Costs ``k`` local steps of every
+      population client per evaluation. ``0`` scores the global model per client.
     callback: called after each block with the new history rows (dicts), e.g. to log them.
     checkpoint_dir: where checkpoints go (:mod:`fedjax_sim.checkpoint`: the whole engine state,
       including per-client states such as SCAFFOLD's control variates and the aggregator's
@@ -487,6 +516,7 @@ def simulate(algorithm: Algorithm, model: Model, train: FederatedData, rounds: i
     _check_labels(model, params, test, "test")
   attack = check_attack(attack, model, params, train)
   local = check_local_params(local_params, algorithm, params, train, test, dissimilarity)
+  finetune_steps = check_finetune(finetune_steps, train, test, streaming)
 
   backend = jax.default_backend()
   batch = algorithm.batch_size or int(train.num_examples.max())
@@ -500,13 +530,17 @@ def simulate(algorithm: Algorithm, model: Model, train: FederatedData, rounds: i
   evaluate = evaluator(model, eval_sets, chosen.unroll, local=local,
                        client_arrays=per_client_metrics)
   eval_data = [metrics_lib.eval_arrays(d) for d in eval_sets.values()]
+  client_sets = [engine_lib.personal_eval.ClientSet(name, i, d.num_examples)
+                 for i, (name, d) in enumerate(eval_sets.items())
+                 if d.num_clients == train.num_clients]
   engine = engine_lib.build_engine(model, algorithm, train, chosen, cohort_size,
                                   jax.random.fold_in(key, STREAM_TRAIN), evaluate, eval_data,
                                   bucketing, system,
                                   metrics_lib.gradient_dissimilarity(model)
                                   if dissimilarity else None, streaming=streaming,
                                   aggregator=aggregator, sampling=how, attack=attack,
-                                  local=local, rounds=rounds)
+                                  local=local, rounds=rounds, client_sets=client_sets,
+                                  finetune_steps=finetune_steps)
   columns = derived_columns(engine, params, epsilon_of(engine.spec.aggregator, how, cohort_size,
                                                        train.num_clients), cohort_size)
   collect = check_collect_memory(engine, params)
@@ -533,7 +567,8 @@ def simulate(algorithm: Algorithm, model: Model, train: FederatedData, rounds: i
       clients_per_round=clients_per_round, client_fraction=client_fraction, seed=seed,
       eval_every=eval_every, plan=chosen, bucketing=bucketing,
       system=system, dissimilarity=dissimilarity, population=population,
-      aggregator=engine.spec.aggregator, sampling=how, attack=attack, local=local)
+      aggregator=engine.spec.aggregator, sampling=how, attack=attack, local=local,
+      finetune_steps=finetune_steps)
   state, history, first = _starting_point(state, fingerprint, rounds, checkpoint_dir,
                                           checkpoint_every, checkpoint_keep, resume, init_state,
                                           start_round)
@@ -626,7 +661,8 @@ class _InterruptFlag:
 
 def run_fingerprint(*, algorithm, model, params, train, test, clients_per_round, client_fraction,
                     seed, eval_every, plan, bucketing, system, dissimilarity,
-                    population, aggregator, sampling, attack, local=None) -> dict:
+                    population, aggregator, sampling, attack, local=None,
+                    finetune_steps=None) -> dict:
   """What a checkpoint must agree on to be resumed (JSON-normal values).
 
   Compared: the algorithm's name, local work, weighting and numeric ``hparams``; the model's name
@@ -667,6 +703,7 @@ def run_fingerprint(*, algorithm, model, params, train, test, clients_per_round,
       "attack": None if attack is None else [attack.name, attack.fraction,
                                              None if attack.ids is None else list(attack.ids)],
       "local_params": None if local is None else [bool(m) for m in local],
+      **({} if finetune_steps is None else {"finetune_steps": finetune_steps}),
   }
   return json.loads(json.dumps(fp, default=str))
 

@@ -95,6 +95,10 @@ class Hooks(NamedTuple):
       mini-batch ``batch = (x, y, mask)`` (``mask`` marks the batch's real examples); its gradient
       replaces ``∇ model.loss(params, x, y, mask)``. For objectives that read the batch's inputs
       and other models (MOON's contrastive term reads the global and the previous local model).
+    personal_params: ``fn(client_state) -> params``, the client's personal model held in its
+      per-client state (Ditto's ``v_k``); evaluated rounds then also score every example of an
+      evaluation set made of the training clients with its own client's personal model
+      (``{set}_personal_*`` metrics, :mod:`fedjax_sim.engine.personal_eval`).
   """
   gradient: Callable | None = None
   update_scale: Callable | None = None
@@ -105,6 +109,7 @@ class Hooks(NamedTuple):
   server_update: Callable | None = None
   round_steps: Callable | None = None
   local_loss: Callable | None = None
+  personal_params: Callable | None = None
 
 
 class Algorithm(NamedTuple):

@@ -29,7 +29,7 @@ from fedjax_sim.engine.cohort import (RoundKeys, Sampling, poisson_capacity, rou
                                      sample_cohort)
 from fedjax_sim.engine.executors import compiled, host_loop
 from fedjax_sim.engine.population import CohortStream, DeviceData, device_data
-from fedjax_sim.engine import round_step
+from fedjax_sim.engine import personal_eval, round_step
 from fedjax_sim.engine.round_step import ROUND_STATS, ServerState
 from fedjax_sim.engine.spec import PLANS, Plan, RoundSpec
 
@@ -58,7 +58,8 @@ def build_engine(model, algo: Algorithm, train, plan: Plan, cohort_size: int, tr
                  population_metrics: Callable | None = None, hparams: dict | None = None,
                  streaming: bool = False, aggregator=None, sampling: Sampling | None = None,
                  aggregator_hparams: list | None = None, attack=None,
-                 local: tuple | None = None, rounds: int | None = None) -> Engine:
+                 local: tuple | None = None, rounds: int | None = None,
+                 client_sets: list | None = None, finetune_steps: int | None = None) -> Engine:
   """Builds the round for one (model, algorithm, aggregator, dataset, plan), or for a sweep.
 
   A sweep (``train`` a list of datasets with the same number of clients; ``train_key``,
@@ -90,6 +91,11 @@ def build_engine(model, algo: Algorithm, train, plan: Plan, cohort_size: int, tr
     aggregator_hparams: a sweep's per-run overrides of the aggregator's ``hparams`` (each run's
       aggregator state starts from its own values; the functions read them from the state).
     attack: Byzantine clients (:class:`fedjax_sim.attacks.Attack`, checked), or ``None``.
+    client_sets: the evaluation sets made of the training clients
+      (:class:`~fedjax_sim.engine.personal_eval.ClientSet`), where evaluated rounds also score
+      each client's own model: fine-tuned for ``finetune_steps`` local steps, and the
+      algorithm's personal model (``Hooks.personal_params``) if it has one.
+    finetune_steps: ``k`` for the fine-tuned metrics, or ``None`` (not measured).
   """
   sweep = isinstance(train, (list, tuple))
   num_clients = train[0].num_clients if sweep else train.num_clients
@@ -113,14 +119,20 @@ def build_engine(model, algo: Algorithm, train, plan: Plan, cohort_size: int, tr
                    local)
   hparams = {k: jnp.asarray(v, jnp.float32)
              for k, v in (run_hparams(algo) if hparams is None else hparams).items()}
+  client_metrics = None
+  if not sweep:
+    client_metrics = personal_eval.build(spec, groups, train.num_examples, client_sets or [],
+                                         finetune_steps)
   if plan.name == "host_loop":
     run_block, init_state = host_loop.build(spec, device_data(train, bucket_of), train_key,
-                                            evaluate, eval_data, population_metrics, hparams)
+                                            evaluate, eval_data, population_metrics, hparams,
+                                            client_metrics)
   else:
     stream = CohortStream(train, bucket_of, cohort_size, sampling) if streaming else None
     data = None if streaming else device_data(train, bucket_of)
     run_block, init_state = compiled.build(spec, data, train_key, evaluate, eval_data,
-                                           population_metrics, hparams, sweep, stream)
+                                           population_metrics, hparams, sweep, stream,
+                                           client_metrics)
   if len(runs) > 1:
     init_state = _per_run_aggregator_states(spec, init_state, runs)
   return Engine(run_block, init_state, buckets, groups, plan, spec, runs)

@@ -392,14 +392,17 @@ def init_state(spec, params) -> ServerState:
 
 
 def evaluated_metrics(spec, evaluate, population_metrics, state: ServerState, d, eval_data,
-                      do_eval):
+                      do_eval, client_metrics=None, round_key=None):
   """The evaluation metrics of an evaluated round (NaN on other rounds); with local parameters,
-  each example is scored by its own client's model."""
+  each example is scored by its own client's model. ``client_metrics(state, d, eval_data,
+  round_key)``: the per-client (fine-tuned, personal) metrics (:mod:`.personal_eval`)."""
   params = state.params
   def compute():
     metrics = dict(evaluate(params, eval_data, state.local_clients))
     if population_metrics is not None:
       metrics.update(population_metrics(params, d, spec.buckets))
+    if client_metrics is not None:
+      metrics.update(client_metrics(state, d, eval_data, round_key))
     return metrics
   shapes = jax.eval_shape(compute)
   nan = lambda: jax.tree.map(lambda s: jnp.full(s.shape, jnp.nan, s.dtype), shapes)

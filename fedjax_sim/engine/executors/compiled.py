@@ -60,7 +60,7 @@ def device_round(spec, d: DeviceData, train_key, state: rs.ServerState, hp, r):
 
 
 def build(spec, data, train_key, evaluate, eval_data, population_metrics, hparams, sweep: bool,
-          stream):
+          stream, client_metrics=None):
   """``(run_block, init_state)`` of the compiled executor.
 
   ``run_block(state, rounds[R], active[R], evaluate[R]) -> (state, metrics dict of [R])``.
@@ -74,7 +74,7 @@ def build(spec, data, train_key, evaluate, eval_data, population_metrics, hparam
       state, stats = lax.cond(act, lambda s: device_round(spec, d_r, key, s, hp, r),
                               lambda s: (s, no_stats), state)
       metrics = rs.evaluated_metrics(spec, evaluate, population_metrics, state, d_r, eval_data,
-                                     act & ev)
+                                     act & ev, client_metrics, jax.random.fold_in(key, r))
       metrics.update(stats, finite=rs.finite(state.params))
       return state, metrics
     return lax.scan(body, state, (rounds, active, do_eval, round_data))

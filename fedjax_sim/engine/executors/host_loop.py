@@ -15,7 +15,8 @@ from fedjax_sim.engine import round_step as rs
 from fedjax_sim.engine.cohort import plan_round
 
 
-def build(spec, data, train_key, evaluate, eval_data, population_metrics, hparams):
+def build(spec, data, train_key, evaluate, eval_data, population_metrics, hparams,
+          client_metrics=None):
   """``(run_block, init_state)`` of the host loop (same contract as the compiled executor)."""
   algo = spec.algo
   plan_j = jax.jit(lambda extra, r: plan_round(spec, train_key, extra, r))
@@ -53,8 +54,9 @@ def build(spec, data, train_key, evaluate, eval_data, population_metrics, hparam
                                                  rs.zero_collected(spec, d, state, hp, plan_r)))
   server_j = jax.jit(lambda state, total, collected, hp, plan_r: rs.server_step(
       spec, state, total, collected, hp, plan_r))
-  eval_j = jax.jit(lambda st, d, e, ev: dict(rs.evaluated_metrics(
-      spec, evaluate, population_metrics, st, d, e, ev), finite=rs.finite(st.params)))
+  eval_j = jax.jit(lambda st, d, e, ev, r: dict(rs.evaluated_metrics(
+      spec, evaluate, population_metrics, st, d, e, ev, client_metrics,
+      jax.random.fold_in(train_key, r)), finite=rs.finite(st.params)))
   no_stats = rs.no_stats(spec)
   offsets = spec.slot_offsets
 
@@ -83,7 +85,7 @@ def build(spec, data, train_key, evaluate, eval_data, population_metrics, hparam
                 None if s.attacker is None else s.attacker[c])
         state = rs.with_client_states(state, states)
         state, stats = server_j(state, total, collected, hparams, plan_r)
-      rows.append(dict(eval_j(state, data, eval_data, bool(act and ev)), **stats))
+      rows.append(dict(eval_j(state, data, eval_data, bool(act and ev), r), **stats))
     return state, jax.tree.map(lambda *xs: jnp.stack(xs), *rows)
 
   return run_block, lambda params: rs.init_state(spec, params)

@@ -51,7 +51,8 @@ def _assert_same_state(a, b, tol=1e-5):
 
 HOST_LOOP_CASES = {  # case: the algorithm it runs (every hook of every registered one is covered)
     "scaffold": "scaffold", "fedprox_partial": "fedprox", "cnn": "fedavg",
-    "local_sgd_adaptive": "local_sgd_adaptive", "moon": "moon", "fedadam_fedbn": "fedadam"}
+    "local_sgd_adaptive": "local_sgd_adaptive", "moon": "moon", "fedadam_fedbn": "fedadam",
+    "ditto": "ditto"}
 
 
 def test_host_loop_cases_cover_every_hook_of_every_algorithm():
@@ -66,8 +67,9 @@ def test_host_loop_cases_cover_every_hook_of_every_algorithm():
 def test_host_loop_and_compiled_plans_agree(case):
   """The Python-driven round and the compiled one, for per-client state (SCAFFOLD's c_i are
   written back by both), partial stragglers with a proximal term, a convolutional model, a
-  Local-SGD schedule in the server state, MOON's own local loss, and FedAdam with a per-round
-  client schedule (update_scale) on a model with dropout and local batch normalization."""
+  Local-SGD schedule in the server state, MOON's own local loss, FedAdam with a per-round
+  client schedule (update_scale) on a model with dropout and local batch normalization, and
+  Ditto's personal models (with the fine-tuned and personal metrics)."""
   rng = np.random.default_rng(2)
   sizes = [4, 6, 3, 7, 5, 9]  # two size buckets
   xs = [rng.normal(size=(n, 4)).astype(np.float32) for n in sizes]
@@ -86,6 +88,9 @@ def test_host_loop_and_compiled_plans_agree(case):
     args["rounds"] = 3
   elif case == "moon":
     algo, compiled = fs.algorithms.moon(client_lr=0.1, batch_size=4), "chunked"
+  elif case == "ditto":  # personal models: a full-gradient solver per client, and their metrics
+    algo, compiled = fs.algorithms.ditto(lam=0.5, client_lr=0.1, batch_size=4), "vmap"
+    args["finetune_steps"] = 0  # per-client scoring of the global model itself
   elif case == "fedadam_fedbn":
     from tests.test_data_models import _DropoutBN
     model = fs.models.from_linen(_DropoutBN.module(), xs[0], "multiclass")
@@ -103,7 +108,15 @@ def test_host_loop_and_compiled_plans_agree(case):
   other = fs.simulate(algo, model, fd, plan=compiled, chunk_size=2, **args)
   assert loop.info["plan"] == "host_loop" and other.info["plan"] == compiled
   _assert_same_state(loop, other)
-  if case in ("scaffold", "moon"):  # the per-client states really moved
+  if case == "ditto":  # and the per-client metrics agree; fine-tuned with k = 0 is the plain one
+    for key in ("train_personal_accuracy", "train_personal_loss"):
+      np.testing.assert_allclose(loop.history[key], other.history[key], rtol=1e-5)
+    for run in (loop, other):
+      for key in ("loss", "accuracy", "client_accuracy_mean", "client_accuracy_p10",
+                  "client_accuracy_p90"):
+        np.testing.assert_allclose(run.history[f"train_finetuned_{key}"],
+                                   run.history[f"train_{key}"], rtol=1e-5, atol=1e-6)
+  if case in ("scaffold", "moon", "ditto"):  # the per-client states really moved
     assert np.abs(np.asarray(jax.tree.leaves(loop.state.client_states)[0])).max() > 1e-4
   if case == "local_sgd_adaptive":
     assert loop.history["local_steps"] == other.history["local_steps"]

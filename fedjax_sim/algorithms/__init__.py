@@ -6,6 +6,7 @@ One module per algorithm; each cites its paper and states its update rule.
 from fedjax_sim.algorithms._base import (Algorithm, ClientContext, ClientOutput, Hooks,
                                          HparamTransformation, RoundSummary, hparam_optimizer,
                                          optimizer_update, run_hparams)
+from fedjax_sim.algorithms.ditto import ditto
 from fedjax_sim.algorithms.fedavg import fedavg, fedsgd
 from fedjax_sim.algorithms.fednova import fednova
 from fedjax_sim.algorithms.fedopt import fedadagrad, fedadam, fedavgm, fedyogi, reddi_adaptive
@@ -29,6 +30,7 @@ REGISTRY = {
     "local_sgd_growing": local_sgd_growing,
     "local_sgd_adaptive": local_sgd_adaptive,
     "moon": moon,
+    "ditto": ditto,
 }
 
 __all__ = ["Algorithm", "ClientContext", "ClientOutput", "Hooks", "HparamTransformation",

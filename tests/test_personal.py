@@ -100,3 +100,113 @@ def test_fedbn_keeps_batch_norm_local_and_evaluates_each_client_with_its_own():
     own = personal.merge(result.params, local_k, mask)
     correct.append(np.argmax(model.apply(own, xs[k][16:]), -1) == ys[k][16:])
   np.testing.assert_allclose(result.history["test_accuracy"][-1], np.mean(correct), atol=1e-6)
+
+
+# Fine-tuned evaluation and Ditto ----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def conflicting():
+  """12 clients, half of which label every example one class further (FedPer's test above); 30
+  training and 10 held-out examples each. Two Ditto runs, with fine-tuned evaluation: a small
+  ``λ`` and a large one (``η_p λ = 0.5``). Full-batch local steps, so fine-tuning replays
+  exactly."""
+  xs, ys = classification_clients([40] * 12, seed=1)
+  ys = [(y + k % 2) % 3 for k, y in enumerate(ys)]
+  train, test = _split(xs, ys, 30)
+  model = fs.models.mlp(5, (16,), 3)
+  run = lambda lam, lr: fs.simulate(
+      fs.algorithms.ditto(lam=lam, personal_lr=lr, client_lr=0.3, local_epochs=3,
+                          batch_size=None), model, train, test=test, rounds=20, seed=0,
+      eval_every=20, finetune_steps=20)
+  return xs, ys, model, run(0.05, 0.3), run(100.0, 0.005)
+
+
+def test_finetuned_and_ditto_personal_models_beat_the_global_model_on_conflicting_labels(
+    conflicting):
+  """No global model fits both halves of the clients; 20 local steps of fine-tuning, and Ditto's
+  personal models, do. The fine-tuned metrics are replayed: each client's 20 full-batch steps from
+  the final global model, scored on its held-out examples."""
+  xs, ys, model, small, _ = conflicting
+  h = small.history
+  assert h["test_accuracy"][-1] < 0.45
+  assert h["test_finetuned_accuracy"][-1] > h["test_accuracy"][-1] + 0.15
+  assert h["test_personal_accuracy"][-1] > h["test_accuracy"][-1] + 0.2
+  assert h["train_personal_accuracy"][-1] > h["train_accuracy"][-1] + 0.2
+  assert h["test_finetuned_client_accuracy_p90"][-1] >= h["test_finetuned_client_accuracy_p10"][-1]
+  grad = jax.jit(jax.grad(model.loss))
+  losses, correct = [], []
+  for x, y in zip(xs, ys):
+    w = small.params
+    for _ in range(20):
+      w = jax.tree.map(lambda a, g: a - 0.3 * g, w, grad(w, x[:30], y[:30]))
+    out = model.apply(w, x[30:])
+    losses.append(fs.models.loss_from_outputs("multiclass", out, y[30:]))
+    correct.append(np.argmax(out, -1) == y[30:])
+  np.testing.assert_allclose(h["test_finetuned_loss"][-1], np.mean(losses), rtol=1e-4)
+  np.testing.assert_allclose(h["test_finetuned_accuracy"][-1], np.mean(correct), atol=1e-6)
+  # The personal metrics score each client's own v_k.
+  personal = [np.argmax(model.apply(jax.tree.map(lambda a: a[k], small.state.client_states),
+                                    x[30:]), -1) == y[30:] for k, (x, y) in enumerate(zip(xs, ys))]
+  np.testing.assert_allclose(h["test_personal_accuracy"][-1], np.mean(personal), atol=1e-6)
+
+
+def _distance(states, params):
+  """Mean over clients of ``‖v_k − w‖ / ‖w‖``."""
+  diff = sum(np.sum((np.asarray(v) - np.asarray(w)[None]) ** 2, axis=tuple(range(1, np.ndim(v))))
+             for v, w in zip(jax.tree.leaves(states), jax.tree.leaves(params)))
+  norm = sum(np.sum(np.asarray(w) ** 2) for w in jax.tree.leaves(params))
+  return float(np.mean(np.sqrt(diff / norm)))
+
+
+def test_ditto_with_a_large_lambda_keeps_personal_models_at_the_global_one(conflicting):
+  _, _, _, small, large = conflicting
+  assert _distance(large.state.client_states, large.params) < 0.05
+  assert _distance(small.state.client_states, small.params) > 0.3
+  h = large.history
+  assert abs(h["test_personal_accuracy"][-1] - h["test_accuracy"][-1]) < 0.1
+  # The global model is FedAvg's whatever λ is.
+  assert_equal(large.params, small.params)
+
+
+def test_ditto_personal_update_replayed_and_bad_arguments():
+  """Two rounds of Ditto, full batch and full participation, replayed with jax.grad: the global
+  model is FedAvg's (one full-batch step per client, weights n_k), and every client's v_k takes
+  three steps ``v ← v − η_p (∇F_k(v) + λ (v − w^t))`` from its previous v_k (``w^0`` at first)."""
+  xs, ys = classification_clients([5, 7, 6, 8], num_features=4, seed=3)
+  data = fs.FederatedData.from_arrays(xs, ys)
+  model = fs.models.softmax_regression(4, 3)
+  lam, lr_p, lr = 0.7, 0.2, 0.1
+  algo = fs.algorithms.ditto(lam=lam, personal_lr=lr_p, personal_steps=3, client_lr=lr,
+                             batch_size=None)
+  result = fs.simulate(algo, model, data, rounds=2, seed=5)
+  grad = jax.jit(jax.grad(model.loss))
+  w = model.init(jax.random.fold_in(jax.random.key(5), 0))
+  vs = [w] * 4
+  n = np.array([len(x) for x in xs], np.float32)
+  for _ in range(2):
+    locals_ = [jax.tree.map(lambda a, g: a - lr * g, w, grad(w, x, y)) for x, y in zip(xs, ys)]
+    new_vs = []
+    for v, x, y in zip(vs, xs, ys):
+      for _ in range(3):
+        v = jax.tree.map(lambda a, g, b: a - lr_p * (g + lam * (a - b)), v, grad(v, x, y), w)
+      new_vs.append(v)
+    w = jax.tree.map(lambda *ls: sum(nk * l for nk, l in zip(n, ls)) / n.sum(), *locals_)
+    vs = new_vs
+  for got, want in zip(jax.tree.leaves(result.params), jax.tree.leaves(w)):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+  for k in range(4):
+    got = jax.tree.map(lambda a: a[k], result.state.client_states)
+    for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(vs[k])):
+      np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=1e-5, atol=1e-6)
+  # What cannot run is named before anything compiles.
+  with pytest.raises(ValueError, match="lam must be a finite number >= 0, got -1"):
+    fs.algorithms.ditto(lam=-1)
+  with pytest.raises(ValueError, match="float personal_lr"):
+    fs.algorithms.ditto(client_lr=lambda step: 0.1)
+  with pytest.raises(ValueError, match="finetune_steps must be a non-negative integer, got -2"):
+    fs.simulate(algo, model, data, rounds=1, finetune_steps=-2)
+  other = data.subset([0, 1])
+  with pytest.raises(ValueError, match="test must hold a held-out split.*2 clients.*has 4"):
+    fs.simulate(algo, model, data, test=other, rounds=1, finetune_steps=3)
+  with pytest.raises(ValueError, match="population='host' cannot run it"):
+    fs.simulate(algo, model, data, test=data, rounds=1, finetune_steps=3, population="host")

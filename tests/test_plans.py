@@ -52,7 +52,7 @@ def _assert_same_state(a, b, tol=1e-5):
 HOST_LOOP_CASES = {  # case: the algorithm it runs (every hook of every registered one is covered)
     "scaffold": "scaffold", "fedprox_partial": "fedprox", "cnn": "fedavg",
     "local_sgd_adaptive": "local_sgd_adaptive", "moon": "moon", "fedadam_fedbn": "fedadam",
-    "ditto": "ditto"}
+    "ditto": "ditto", "fedbuff": "fedbuff"}
 
 
 def test_host_loop_cases_cover_every_hook_of_every_algorithm():
@@ -68,8 +68,9 @@ def test_host_loop_and_compiled_plans_agree(case):
   """The Python-driven round and the compiled one, for per-client state (SCAFFOLD's c_i are
   written back by both), partial stragglers with a proximal term, a convolutional model, a
   Local-SGD schedule in the server state, MOON's own local loss, FedAdam with a per-round
-  client schedule (update_scale) on a model with dropout and local batch normalization, and
-  Ditto's personal models (with the fine-tuned and personal metrics)."""
+  client schedule (update_scale) on a model with dropout and local batch normalization,
+  Ditto's personal models (with the fine-tuned and personal metrics), and FedBuff's stale
+  starting models (client_start) read from its ring buffer of server models."""
   rng = np.random.default_rng(2)
   sizes = [4, 6, 3, 7, 5, 9]  # two size buckets
   xs = [rng.normal(size=(n, 4)).astype(np.float32) for n in sizes]
@@ -86,6 +87,9 @@ def test_host_loop_and_compiled_plans_agree(case):
     algo, compiled = fs.algorithms.local_sgd_adaptive(client_lr=0.1, max_local_steps=4,
                                                       batch_size=2), "chunked"
     args["rounds"] = 3
+  elif case == "fedbuff":
+    algo, compiled = fs.algorithms.fedbuff(client_lr=0.1, batch_size=4, max_staleness=2), "vmap"
+    args["rounds"] = 4
   elif case == "moon":
     algo, compiled = fs.algorithms.moon(client_lr=0.1, batch_size=4), "chunked"
   elif case == "ditto":  # personal models: a full-gradient solver per client, and their metrics
@@ -120,6 +124,9 @@ def test_host_loop_and_compiled_plans_agree(case):
     assert np.abs(np.asarray(jax.tree.leaves(loop.state.client_states)[0])).max() > 1e-4
   if case == "local_sgd_adaptive":
     assert loop.history["local_steps"] == other.history["local_steps"]
+  if case == "fedbuff":  # four server steps, and the ring holds two different past models
+    models = jax.tree.leaves(loop.state.extra["models"])[0]
+    assert int(loop.state.extra["steps"]) == 4 and not np.allclose(models[0], models[1])
 
 
 def test_bucketing_and_block_size_do_not_change_results(setup):

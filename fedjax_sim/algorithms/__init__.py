@@ -8,6 +8,7 @@ from fedjax_sim.algorithms._base import (Algorithm, ClientContext, ClientOutput,
                                          optimizer_update, run_hparams)
 from fedjax_sim.algorithms.ditto import ditto
 from fedjax_sim.algorithms.fedavg import fedavg, fedsgd
+from fedjax_sim.algorithms.fedbuff import fedbuff
 from fedjax_sim.algorithms.fednova import fednova
 from fedjax_sim.algorithms.fedopt import fedadagrad, fedadam, fedavgm, fedyogi, reddi_adaptive
 from fedjax_sim.algorithms.fedprox import fedprox
@@ -31,6 +32,7 @@ REGISTRY = {
     "local_sgd_adaptive": local_sgd_adaptive,
     "moon": moon,
     "ditto": ditto,
+    "fedbuff": fedbuff,
 }
 
 __all__ = ["Algorithm", "ClientContext", "ClientOutput", "Hooks", "HparamTransformation",

@@ -27,11 +27,14 @@ class ClientContext(NamedTuple):
     hparams: the algorithm's numeric hyperparameters (:attr:`Algorithm.hparams`), passed to the
       compiled round as data so that a sweep can batch several values in one program.
     extra: ``Hooks.client_extra(server_extra, client_state)``, e.g. SCAFFOLD's ``c − c_i``.
+    delta_scale: the factor on the client's update from ``Hooks.client_start`` (FedBuff's
+      staleness weight), or ``None`` (1).
   """
   global_params: Params
   round: jax.Array
   hparams: dict
   extra: Any = None
+  delta_scale: Any = None
 
 
 class ClientOutput(NamedTuple):
@@ -64,6 +67,7 @@ class RoundSummary(NamedTuple):
     num_clients: population size ``N``.
     drift: ``Σ_k p_k ‖θ_k − θ̄‖²`` with ``p_k = w_k / Σ w``, the cohort's spread around its mean.
     round: the 1-based round number.
+    params: the server model before this round's step (``w^t``; FedBuff keeps it in its buffer).
   """
   mean_delta: Params
   mean_message: Any
@@ -71,6 +75,7 @@ class RoundSummary(NamedTuple):
   num_clients: int
   drift: jax.Array
   round: jax.Array
+  params: Params = None
 
 
 class Hooks(NamedTuple):
@@ -99,6 +104,12 @@ class Hooks(NamedTuple):
       per-client state (Ditto's ``v_k``); evaluated rounds then also score every example of an
       evaluation set made of the training clients with its own client's personal model
       (``{set}_personal_*`` metrics, :mod:`fedjax_sim.engine.personal_eval`).
+    client_start: ``fn(server_extra, params, key) -> (start_params, scale)``: the model a client
+      starts from instead of the current server model ``params`` (it becomes the client's
+      ``context.global_params``) and a factor on its update, ``Δ_k = scale · (y_k − start_params)``;
+      ``key`` is the client's own, ``fold_in(keys.client_start, global id)`` (see
+      :mod:`fedjax_sim.engine.cohort`). For asynchronous FL: FedBuff's stale models and staleness
+      weights.
   """
   gradient: Callable | None = None
   update_scale: Callable | None = None
@@ -110,6 +121,7 @@ class Hooks(NamedTuple):
   round_steps: Callable | None = None
   local_loss: Callable | None = None
   personal_params: Callable | None = None
+  client_start: Callable | None = None
 
 
 class Algorithm(NamedTuple):

@@ -12,7 +12,9 @@ Randomness (reproducible whatever the plan, chunk or block size): ``round_key = 
 r)``; ``sample, clients, system = split(round_key, 3)`` (the derivation every earlier version
 used, so no number changed when more streams were added); the streams added with aggregators are
 ``fold_in(round_key, 1001 …)``: the per-client transform (client ``k`` uses ``fold_in(stream,
-k)``), the reduction, the server-side transform and Byzantine updates. The Byzantine set of an
+k)``), the reduction, the server-side transform and Byzantine updates; ``fold_in(round_key, 1005)``
+is the client-start stream (``Hooks.client_start``, e.g. FedBuff's staleness draws; client ``k``
+uses ``fold_in(stream, k)``). The Byzantine set of an
 attack comes from ``fold_in(train_key, 0)``, round 0's key, which no round uses. Client ``k``'s
 training key is ``fold_in(clients, k)`` with ``k`` its global id; ``system`` draws stragglers and
 dropouts.
@@ -61,13 +63,14 @@ class RoundKeys(NamedTuple):
   aggregator: jax.Array  # the aggregator's reduction
   server: jax.Array  # the aggregator's server-side transform
   attack: jax.Array  # Byzantine clients' updates: fold_in(attack, global id)
+  client_start: jax.Array  # Hooks.client_start (FedBuff's staleness): fold_in(., global id)
 
 
 def round_keys(train_key: jax.Array, round_num) -> RoundKeys:
   """The streams of round ``round_num`` (1-based) of the training key ``train_key``."""
   key = jax.random.fold_in(train_key, round_num)
   sample, clients, system = jax.random.split(key, 3)
-  more = [jax.random.fold_in(key, 1001 + i) for i in range(4)]
+  more = [jax.random.fold_in(key, 1001 + i) for i in range(5)]
   return RoundKeys(sample, clients, system, *more)
 
 

@@ -121,9 +121,16 @@ def with_client_states(state: ServerState, states: tuple) -> ServerState:
                         local_clients=states[2])
 
 
-def start_params(spec, state: ServerState, local_k):
-  """A client's starting model: the global one, with its own local parameters if any."""
-  return state.params if spec.local is None else personal.merge(state.params, local_k, spec.local)
+def start_params(spec, base, local_k):
+  """A client's starting model: ``base`` (:func:`start_of`), with its own local parameters if
+  any."""
+  return base if spec.local is None else personal.merge(base, local_k, spec.local)
+
+
+def start_of(spec, state: ServerState, context: ClientContext):
+  """The server model a client starts from and its delta is taken against: the current one, or
+  its context's under ``Hooks.client_start`` (e.g. FedBuff's stale model)."""
+  return state.params if spec.algo.hooks.client_start is None else context.global_params
 
 
 def gather_states(states: tuple, ids):
@@ -139,15 +146,22 @@ def scatter_states(spec, states: tuple, ids, returns, new_states: tuple) -> tupl
 
 # --- stage 3: local training and the per-client result --------------------------------------
 
-def client_context(spec, state: ServerState, r, hp, client_state) -> ClientContext:
+def client_context(spec, state: ServerState, r, hp, client_state, keys=None,
+                   global_id=None) -> ClientContext:
   hooks = spec.algo.hooks
   extra = None if hooks.client_extra is None else hooks.client_extra(state.extra, client_state)
-  return ClientContext(state.params, r, hp, extra)
+  if hooks.client_start is None:
+    return ClientContext(state.params, r, hp, extra)
+  key = jax.random.fold_in(keys.client_start, global_id)
+  start, scale = hooks.client_start(state.extra, state.params, key)
+  return ClientContext(start, r, hp, extra, jnp.asarray(scale, jnp.float32))
 
 
 def client_end(spec, d, params, context, new_params, job, client_state, shape):
   """``(Δ_k, message_k, new algorithm client state)`` of one client."""
   delta = jax.tree.map(lambda a, p: (a - p).astype(jnp.float32), new_params, params)
+  if context.delta_scale is not None:  # Hooks.client_start's factor (FedBuff's s(τ))
+    delta = jax.tree.map(lambda a: a * context.delta_scale, delta)
   hooks = spec.algo.hooks
   if hooks.client_result is None:
     return delta, None, None
@@ -216,17 +230,19 @@ def collect_chunk(collected: Collected, start, result: ChunkResult, returns,
                    None if attackers is None else put(collected.attackers, attackers))
 
 
-def chunk_contexts(spec, state: ServerState, hp, plan_r, job, algo_states):
-  """Each client's :class:`~fedjax_sim.algorithms.ClientContext` (leading chunk axis)."""
-  return over_chunk(lambda _, s: client_context(spec, state, plan_r.round, hp, s))(job.offset,
-                                                                                  algo_states)
+def chunk_contexts(spec, state: ServerState, hp, plan_r, job, algo_states, gids):
+  """Each client's :class:`~fedjax_sim.algorithms.ClientContext` (leading chunk axis); ``gids``
+  are the clients' global ids."""
+  return over_chunk(lambda _, s, g: client_context(spec, state, plan_r.round, hp, s, plan_r.keys,
+                                                   g))(job.offset, algo_states, gids)
 
 
 def finish_chunk(spec, d, state: ServerState, plan_r, shape, new_params, job, contexts,
                  chunk_states, ids, returns, attackers=None) -> ChunkResult:
   """Stages 3 (the algorithm's per-client result), 4 and 5 for a chunk of trained clients."""
   def one(w, job_k, ctx, state_k, agg_state_k, local_k, gid, bad):
-    delta, message, new_state = client_end(spec, d, state.params, ctx, w, job_k, state_k, shape)
+    delta, message, new_state = client_end(spec, d, start_of(spec, state, ctx), ctx, w, job_k,
+                                           state_k, shape)
     if spec.local is not None:  # local parameters stay on the client
       delta, local_k = personal.zero_local(delta, spec.local), personal.split(w, spec.local)
     delta, message = attacked(spec, plan_r.keys, gid, delta, message, bad)
@@ -248,10 +264,10 @@ def train_chunk(spec, d, state: ServerState, hp, plan_r, job, ids, returns, chun
                 shape, attackers=None) -> ChunkResult:
   """One chunk of clients trained in one program (stages 3–5 for the chunk)."""
   bound = jnp.max(job.num_steps)
-  contexts = chunk_contexts(spec, state, hp, plan_r, job, chunk_states[0])
+  contexts = chunk_contexts(spec, state, hp, plan_r, job, chunk_states[0], d.global_id(ids))
   new_params = over_chunk(lambda job_k, ctx, local_k: client_lib.local_train(
-      spec.model, spec.algo, shape, start_params(spec, state, local_k), d.x, d.y, job_k, ctx,
-      bound, spec.plan.unroll))(job, contexts, chunk_states[2])
+      spec.model, spec.algo, shape, start_params(spec, start_of(spec, state, ctx), local_k), d.x,
+      d.y, job_k, ctx, bound, spec.plan.unroll))(job, contexts, chunk_states[2])
   return finish_chunk(spec, d, state, plan_r, shape, new_params, job, contexts, chunk_states, ids,
                       returns, attackers)
 
@@ -274,7 +290,7 @@ def zero_update(spec, d, state: ServerState, hp, plan_r):
     job = client_lib.ClientJob(jnp.int32(0), jnp.int32(1), jnp.int32(1),
                                jnp.zeros((shape.num_epochs, shape.max_examples), jnp.int32))
     algo_state, agg_state, _ = gather_states(client_states_of(state), jnp.int32(0))
-    context = client_context(spec, state, plan_r.round, hp, algo_state)
+    context = client_context(spec, state, plan_r.round, hp, algo_state, plan_r.keys, jnp.int32(0))
     delta, message, _ = client_end(spec, d, state.params, context, state.params, job, algo_state,
                                    shape)
     return client_transform(spec, state, plan_r.keys, jnp.int32(0), delta, message, agg_state)[0]
@@ -319,7 +335,7 @@ def server_step(spec, state: ServerState, sums: RoundSums, collected: Collected 
   if agg.server is not None:
     aggregate, agg_state = agg.server(aggregate, agg_state, key=plan_r.keys.server)
   summary = RoundSummary(aggregate["delta"], aggregate["message"], sums.count, spec.num_clients,
-                         drift, plan_r.round)
+                         drift, plan_r.round, state.params)
   if algo.hooks.server_update is None:
     delta, extra = aggregate["delta"], state.extra
   else:

@@ -28,11 +28,11 @@ def build(spec, data, train_key, evaluate, eval_data, population_metrics, hparam
 
   def start(state, hp, plan_r, job, ids):
     chunk_states = rs.gather_states(rs.client_states_of(state), ids)
-    contexts = rs.chunk_contexts(spec, state, hp, plan_r, job, chunk_states[0])
-    def begin(local_k):
-      params = rs.start_params(spec, state, local_k)
+    contexts = rs.chunk_contexts(spec, state, hp, plan_r, job, chunk_states[0], ids)
+    def begin(ctx, local_k):
+      params = rs.start_params(spec, rs.start_of(spec, state, ctx), local_k)
       return params, algo.client_optimizer.init(params)
-    carry = rs.over_chunk(lambda _, local_k: begin(local_k))(ids, chunk_states[2])
+    carry = rs.over_chunk(begin)(contexts, chunk_states[2])
     return carry, contexts, chunk_states
   start_j = jax.jit(start)
 

@@ -112,7 +112,9 @@ def fedbuff(client_lr=0.1, server_lr: float = 1.0, max_staleness: int = 4,
             weighting: str = "uniform",
             client_optimizer: optax.GradientTransformation | None = None,
             server_optimizer: optax.GradientTransformation | None = None) -> Algorithm:
-  """FedBuff with ``K`` = the cohort size arrivals per server step (module docstring).
+  """FedBuff: each server step averages ``K`` (cohort size) arrivals trained from stale models.
+
+  The rule and what the simulation simplifies are in the module docstring.
 
   Args:
     client_lr: the client SGD learning rate, as in :func:`fedavg` (float or schedule).

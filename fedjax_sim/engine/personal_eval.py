@@ -164,7 +164,7 @@ def build(spec, groups: list[np.ndarray], train_sizes: np.ndarray, sets: list[Cl
         safe = jnp.maximum(ids, 0)
         local = (ids if state.local_clients is None
                  else jax.tree.map(lambda a: a[safe], state.local_clients))
-        start = lambda local_k: rs.start_params(spec, state, local_k)
+        start = lambda local_k: rs.start_params(spec, state.params, local_k)
         if not finetune_steps:
           return rs.over_chunk(start)(local)
         n = jnp.where(ids >= 0, d.counts[safe], 0)

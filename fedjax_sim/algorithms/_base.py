@@ -104,8 +104,8 @@ class Hooks(NamedTuple):
       per-client state (Ditto's ``v_k``); evaluated rounds then also score every example of an
       evaluation set made of the training clients with its own client's personal model
       (``{set}_personal_*`` metrics, :mod:`fedjax_sim.engine.personal_eval`).
-    client_start: ``fn(server_extra, params, key) -> (start_params, scale)``: the model a client
-      starts from instead of the current server model ``params`` (it becomes the client's
+    client_start: ``fn(server_extra, params, key, hparams) -> (start_params, scale)``: the model a
+      client starts from instead of the current server model ``params`` (it becomes the client's
       ``context.global_params``) and a factor on its update, ``Δ_k = scale · (y_k − start_params)``;
       ``key`` is the client's own, ``fold_in(keys.client_start, global id)`` (see
       :mod:`fedjax_sim.engine.cohort`). For asynchronous FL: FedBuff's stale models and staleness

@@ -123,7 +123,8 @@ def fedbuff(client_lr=0.1, server_lr: float = 1.0, max_staleness: int = 4,
     staleness: ``"uniform"``, ``"geometric"``, ``"poisson"`` or ``S + 1`` probabilities.
     mean_staleness: the mean delay of ``"geometric"`` and ``"poisson"`` (before truncation).
     staleness_exponent: ``a`` in ``s(τ) = (1 + τ)^{−a}``; ``0.5`` is the paper's ``1/√(1+τ)``,
-      ``0`` no staleness weighting.
+      ``0`` no staleness weighting. A numeric hyperparameter (``hparams``): a sweep may batch
+      several values in one program.
     local_epochs, batch_size, local_steps, shuffle: the local schedule, as in :func:`fedavg`.
     weighting: ``"uniform"`` (the paper's ``1/K``) or ``"num_examples"``.
     client_optimizer: any optax transformation; default ``optax.sgd(client_lr)``.
@@ -132,7 +133,7 @@ def fedbuff(client_lr=0.1, server_lr: float = 1.0, max_staleness: int = 4,
   check_optimizer("server_optimizer", server_optimizer)
   probabilities = staleness_probabilities(staleness, max_staleness, mean_staleness)
   s = len(probabilities) - 1
-  a = non_negative_float("staleness_exponent", staleness_exponent)
+  exponent = non_negative_float("staleness_exponent", staleness_exponent)
   if server_optimizer is None:
     server_optimizer = optax.sgd(positive_float("server_lr", server_lr))
   base = fedavg(client_lr=client_lr, local_epochs=local_epochs, batch_size=batch_size,
@@ -145,7 +146,7 @@ def fedbuff(client_lr=0.1, server_lr: float = 1.0, max_staleness: int = 4,
       extra["models"] = jax.tree.map(lambda p: jnp.repeat(p[None], s, axis=0), params)
     return extra
 
-  def client_start(extra, params, key):
+  def client_start(extra, params, key, hparams):
     if not s:
       return params, jnp.float32(1.0)
     tau = draw_staleness(key, probabilities, extra["steps"])
@@ -153,7 +154,7 @@ def fedbuff(client_lr=0.1, server_lr: float = 1.0, max_staleness: int = 4,
     stale = jax.tree.map(lambda m: lax.dynamic_index_in_dim(m, slot, keepdims=False),
                          extra["models"])
     start = jax.tree.map(lambda p, m: jnp.where(tau == 0, p, m), params, stale)
-    return start, (1.0 + tau.astype(jnp.float32)) ** -a
+    return start, (1.0 + tau.astype(jnp.float32)) ** -hparams["staleness_exponent"]
 
   def server_update(summary, hparams, extra):
     steps = extra["steps"]
@@ -166,4 +167,4 @@ def fedbuff(client_lr=0.1, server_lr: float = 1.0, max_staleness: int = 4,
 
   hooks = base.hooks._replace(init_server_extra=init_server_extra, client_start=client_start,
                               server_update=server_update)
-  return base._replace(name="fedbuff", hooks=hooks)
+  return base._replace(name="fedbuff", hooks=hooks, hparams={"staleness_exponent": exponent})

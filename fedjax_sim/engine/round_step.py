@@ -153,7 +153,7 @@ def client_context(spec, state: ServerState, r, hp, client_state, keys=None,
   if hooks.client_start is None:
     return ClientContext(state.params, r, hp, extra)
   key = jax.random.fold_in(keys.client_start, global_id)
-  start, scale = hooks.client_start(state.extra, state.params, key)
+  start, scale = hooks.client_start(state.extra, state.params, key, hp)
   return ClientContext(start, r, hp, extra, jnp.asarray(scale, jnp.float32))
 
 

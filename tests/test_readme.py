@@ -45,7 +45,12 @@ def test_readme_commands_are_found():
 
 
 def _files(directory: pathlib.Path) -> None:
-  """The inputs the README's commands name, as a user would have them."""
+  """The inputs the README's commands name, as a user would have them (the TOML files the README
+  shows, e.g. ``grid.toml``, from its own code blocks)."""
+  for block in re.findall(r"^```toml\n(.*?)^```", README.read_text(), re.S | re.M):
+    name = re.match(r"#\s*(\S+\.toml)", block)
+    if name:
+      (directory / name.group(1)).write_text(block)
   rng = np.random.default_rng(0)
   (directory / "exp.toml").write_text("local_epochs = 1\nbatch_size = 16\n")
   np.savez(directory / "data.npz", x=rng.normal(size=(1000, 8)).astype(np.float32),
@@ -57,15 +62,40 @@ def _files(directory: pathlib.Path) -> None:
   np.savez(directory / "clients.npz", **clients)
 
 
-@pytest.mark.parametrize("argv", readme_commands(README.read_text()), ids=" ".join)
+def _small(argv: list[str]) -> list[str]:
+  """``argv`` with the overrides that keep a README command to one small round (a resume runs
+  one more round: it may change nothing else)."""
+  if argv[:1] == ["sweep"]:
+    return [*argv, "--set", "rounds=1", "--quiet"]
+  if argv[:1] != ["run"] or "--help" in argv:
+    return argv
+  if "--resume" in argv:
+    return [*argv, "--set", "rounds=2", "--quiet"]
+  keys = {a.split("=", 1)[0] for a in argv}
+  cohort = ("client_fraction=0.001" if "client_fraction" in keys else
+            "clients_per_round=5" if "clients_per_round" not in keys else "rounds=1")
+  return [*argv, "--set", "rounds=1", "--set", "bucketing=false", "--set", cohort, "--quiet"]
+
+
+def _needs(argv: list[str]) -> list[str]:
+  """The run directories a command reads (``--resume DIR``, ``compare RUN...``)."""
+  if argv[:1] == ["compare"]:
+    return [a for a in argv[1:argv.index("--metric")] if not a.startswith("-")]
+  return [argv[argv.index("--resume") + 1]] if "--resume" in argv else []
+
+
+COMMANDS = readme_commands(README.read_text())
+
+
+@pytest.mark.parametrize("argv", COMMANDS, ids=" ".join)
 def test_readme_command_runs_as_written(argv, tmp_path, monkeypatch, capsys):
   monkeypatch.chdir(tmp_path)
   _files(tmp_path)
-  if argv[:1] == ["run"] and "--help" not in argv:
-    keys = {a.split("=", 1)[0] for a in argv}
-    cohort = ("client_fraction=0.001" if "client_fraction" in keys else
-              "clients_per_round=5" if "clients_per_round" not in keys else "rounds=1")
-    argv = [*argv, "--set", "rounds=1", "--set", "bucketing=false", "--set", cohort, "--quiet"]
+  for run_dir in _needs(argv):  # first the README's commands that write them
+    maker = next(c for c in COMMANDS if c[:1] == ["run"] and c[-2:] == ["--out", run_dir])
+    assert main(_small(maker)) == 0
+  capsys.readouterr()
+  argv = _small(argv)
   try:
     code = main(argv)
   except SystemExit as e:  # --help
@@ -73,7 +103,10 @@ def test_readme_command_runs_as_written(argv, tmp_path, monkeypatch, capsys):
   captured = capsys.readouterr()
   assert code == 0, captured.err
   assert "Traceback" not in captured.err and captured.out
-  if argv[:1] == ["run"] and "--help" not in argv:  # the run directory the README describes
+  if "--resume" in argv:  # the resumed run's rows continue the first one's
+    rows = (tmp_path / _needs(argv)[0] / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["round"] for r in rows] == [1, 2]
+  elif argv[:1] == ["run"] and "--help" not in argv:  # the run directory the README describes
     out = pathlib.Path(argv[argv.index("--out") + 1]) if "--out" in argv else \
         next((tmp_path / "runs").iterdir())
     summary = json.loads((out / "summary.json").read_text())

@@ -607,15 +607,16 @@ def simulate(algorithm: Algorithm, model: Model, train: FederatedData, rounds: i
           callback(rows)
         raise TrainingDiverged(diverged, history)
       last = int(round_nums[active][-1])
+      stopping = stop.requested  # read once: a Ctrl-C from here on stops after the next block
       saved = None
-      if checkpoint_dir is not None and (stop.requested or last == rounds or (
+      if checkpoint_dir is not None and (stopping or last == rounds or (
           every is not None and last // every > last_saved // every)):
         saved = checkpoint_lib.save(checkpoint_dir, last, state, history, fingerprint,
                                     checkpoint_keep)
         last_saved = last
       if callback is not None and rows:
         callback(rows)
-      if stop.requested and last < rounds:
+      if stopping and last < rounds:
         info.update(seconds=time.perf_counter() - start, block_seconds=block_seconds,
                     compilations=compilations(engine), interrupted_after_round=last)
         raise SimulationInterrupted(last, SimulationResult(state.params, history, info, state,

@@ -80,4 +80,4 @@ def ditto(lam: float = 0.1, personal_lr: float | None = None, personal_steps: in
       client_result=client_result,
       personal_params=lambda v: v)
   return base._replace(name="ditto", hooks=hooks,
-                       hparams={"lam": lam, "personal_lr": personal_lr})
+                       hparams={**base.hparams, "lam": lam, "personal_lr": personal_lr})

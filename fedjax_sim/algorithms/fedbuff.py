@@ -134,11 +134,10 @@ def fedbuff(client_lr=0.1, server_lr: float = 1.0, max_staleness: int = 4,
   probabilities = staleness_probabilities(staleness, max_staleness, mean_staleness)
   s = len(probabilities) - 1
   exponent = non_negative_float("staleness_exponent", staleness_exponent)
-  if server_optimizer is None:
-    server_optimizer = optax.sgd(positive_float("server_lr", server_lr))
   base = fedavg(client_lr=client_lr, local_epochs=local_epochs, batch_size=batch_size,
                 local_steps=local_steps, shuffle=shuffle, weighting=weighting,
-                client_optimizer=client_optimizer, server_optimizer=server_optimizer)
+                client_optimizer=client_optimizer, server_optimizer=server_optimizer,
+                server_lr=positive_float("server_lr", server_lr))
 
   def init_server_extra(params):
     extra = {"steps": jnp.int32(0)}
@@ -167,4 +166,5 @@ def fedbuff(client_lr=0.1, server_lr: float = 1.0, max_staleness: int = 4,
 
   hooks = base.hooks._replace(init_server_extra=init_server_extra, client_start=client_start,
                               server_update=server_update)
-  return base._replace(name="fedbuff", hooks=hooks, hparams={"staleness_exponent": exponent})
+  return base._replace(name="fedbuff", hooks=hooks, hparams={**base.hparams,
+                                                                 "staleness_exponent": exponent})

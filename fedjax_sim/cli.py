@@ -91,8 +91,9 @@ CONFIG_KEYS = {
     "rounds_per_block": (10, "rounds per compiled call"),
     "population": ("device", "where the training population lives: device | host (stays in host "
                    "memory, each block's cohorts streamed in; only test data is evaluated)"),
-    "bucketing": (True, "group clients by size so small clients do not pay for the largest "
-                  "one's local steps"),
+    "bucketing": ("auto", "group clients by size so small clients do not pay for the largest "
+                  "one's local steps: auto (size groups merged where one more compiled bucket "
+                  "would cost more than it saves over the run's rounds) | true | false"),
     "compilation_cache": ("~/.cache/fedjax_sim/xla", "directory of JAX's persistent compilation "
                           "cache, so a rerun skips compilation ('none' = off; a cache already "
                           "configured, e.g. by JAX_COMPILATION_CACHE_DIR, is kept)"),
@@ -446,8 +447,9 @@ def engine_options(config: dict) -> dict:
   population, bucketing = config["population"], config["bucketing"]
   if population not in ("device", "host"):
     raise ConfigError(f"population must be 'device' or 'host', got {population!r}")
-  if not isinstance(bucketing, bool):
-    raise ConfigError(f"bucketing must be true or false, got {bucketing!r}")
+  if bucketing not in (True, False, "auto") or isinstance(bucketing, (int, float)) and not \
+      isinstance(bucketing, bool):
+    raise ConfigError(f"bucketing must be 'auto', true or false, got {bucketing!r}")
   if population == "host" and (config["dissimilarity"] or config["plan"] == "host_loop"):
     raise ConfigError("population='host' streams cohorts into compiled blocks: it cannot run "
                       "plan='host_loop' or measure the dissimilarity (dissimilarity=true)")

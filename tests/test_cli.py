@@ -289,7 +289,7 @@ def test_optimizer_and_schedules_from_the_config_are_optax_ones():
       "client_lr_schedule_options.warmup_steps=2"], "fedsgd's one step is the server's"),
     (["server_lr_schedule_options.decay_steps=2"], "given without a server_lr_schedule"),
     (["population='cloud'"], "population must be 'device' or 'host', got 'cloud'"),
-    (["bucketing=2"], "bucketing must be true or false, got 2"),
+    (["bucketing=2"], "bucketing must be 'auto', true or false, got 2"),
     (["population='host'", "dissimilarity=true"], "population='host' streams cohorts"),
     (["dataset_options.foo=1"], "dataset 'logistic_demo' has no option 'foo'; its options: none"),
 ])

@@ -135,11 +135,15 @@ def check_local_params(local_params, algorithm: Algorithm, params, train: Federa
   if dissimilarity:
     raise ValueError("dissimilarity measures the global model's gradients, which local_params "
                      "leaves undefined; turn one of them off")
-  if test is not None and test.num_clients != train.num_clients:
-    raise ValueError(f"with local_params, evaluation is per client: test must hold a held-out "
-                     f"split of each training client, but it has {test.num_clients} clients "
-                     f"and train has {train.num_clients}")
+  check_per_client_test("with local_params, evaluation is per client", train, test)
   return local
+
+
+def check_per_client_test(why: str, train: FederatedData, test: FederatedData | None) -> None:
+  """Refuses a ``test`` that is not a held-out split of each training client, saying ``why``."""
+  if test is not None and test.num_clients != train.num_clients:
+    raise ValueError(f"{why}: test must hold a held-out split of each training client, but it "
+                     f"has {test.num_clients} clients and train has {train.num_clients}")
 
 
 def check_finetune(finetune_steps, train: FederatedData, test: FederatedData | None,
@@ -153,10 +157,8 @@ def check_finetune(finetune_steps, train: FederatedData, test: FederatedData | N
   if streaming:
     raise ValueError("finetune_steps needs the training population on the device (every client "
                      "fine-tunes on its own training examples); population='host' cannot run it")
-  if test is not None and test.num_clients != train.num_clients:
-    raise ValueError(f"with finetune_steps, each client is evaluated on its own examples: test "
-                     f"must hold a held-out split of each training client, but it has "
-                     f"{test.num_clients} clients and train has {train.num_clients}")
+  check_per_client_test("with finetune_steps, each client is evaluated on its own examples",
+                        train, test)
   return int(finetune_steps)
 
 

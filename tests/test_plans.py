@@ -37,8 +37,9 @@ def _assert_same(a, b, tol=1e-5):
 def test_plans_agree(setup):
   base = _run(setup, plan="vmap")
   assert base.info["num_buckets"] > 1
-  for plan, chunk in [("chunked", 2), ("scan", None), ("host_loop", 3)]:
-    other = _run(setup, plan=plan, chunk_size=chunk)
+  for plan, chunk, buckets in [("chunked", 2, True), ("scan", None, False),
+                               ("host_loop", 3, False)]:  # one bucket: compiles once
+    other = _run(setup, plan=plan, chunk_size=chunk, bucketing=buckets)
     assert other.info["plan"] == plan
     _assert_same(base, other)
 
@@ -72,11 +73,13 @@ def test_host_loop_and_compiled_plans_agree(case):
   Ditto's personal models (with the fine-tuned and personal metrics), and FedBuff's stale
   starting models (client_start) read from its ring buffer of server models."""
   rng = np.random.default_rng(2)
-  sizes = [4, 6, 3, 7, 5, 9]  # two size buckets
+  sizes = [4, 6, 3, 7, 5, 9]  # two size groups
   xs = [rng.normal(size=(n, 4)).astype(np.float32) for n in sizes]
   ys = [rng.integers(0, 3, n).astype(np.int32) for n in sizes]
   fd, model = fs.FederatedData.from_arrays(xs, ys), fs.models.softmax_regression(4, 3)
-  args = dict(rounds=2, clients_per_round=4, seed=1, bucketing=True)
+  # Two size buckets for SCAFFOLD and Ditto (per-client states and the per-client evaluation
+  # across buckets); one for the others (each bucket compiles its own programs).
+  args = dict(rounds=2, clients_per_round=4, seed=1, bucketing=case in ("scaffold", "ditto"))
   if case == "scaffold":
     algo, compiled = fs.algorithms.scaffold(client_lr=0.1, local_epochs=2, batch_size=4), "vmap"
   elif case == "fedprox_partial":
@@ -131,12 +134,13 @@ def test_host_loop_and_compiled_plans_agree(case):
 
 def test_bucketing_and_block_size_do_not_change_results(setup):
   base = _run(setup)
-  _assert_same(base, _run(setup, bucketing=False))
+  one = _run(setup, bucketing=False)
+  _assert_same(base, one)
   fd, _, algo = setup  # "auto" merges the three groups for five rounds: one bucket, as False
   assert base.info["num_buckets"] == 3
   assert len(fs.engine.make_buckets(fd.num_examples, algo, 6, None, "auto", rounds=5)[0]) == 1
-  _assert_same(base, _run(setup, rounds_per_block=1))
-  _assert_same(base, _run(setup, rounds_per_block=3))  # last block is partial
+  _assert_same(one, _run(setup, rounds_per_block=1, bucketing=False))
+  _assert_same(one, _run(setup, rounds_per_block=3, bucketing=False))  # last block is partial
 
 
 def test_same_seed_same_numbers_other_seed_other_numbers(setup):

@@ -62,7 +62,7 @@ def simulate_sweep(algorithm: Algorithm, model: Model, trains, seeds: Sequence[i
                    hparams: Sequence[dict] | None = None, tests=None, rounds: int = 100,
                    clients_per_round: int | None = None, client_fraction: float | None = None,
                    eval_every: int = 1, plan: str = "auto", chunk_size: int | None = None,
-                   rounds_per_block: int | None = None, bucketing: bool = True,
+                   rounds_per_block: int | None = None, bucketing: bool | str = "auto",
                    system: systems.Heterogeneity | None = None,
                    dissimilarity: bool = False, aggregator=None, sampling: str = "fixed",
                    aggregator_hparams: Sequence[dict] | None = None, attack=None
@@ -140,7 +140,7 @@ def simulate_sweep(algorithm: Algorithm, model: Model, trains, seeds: Sequence[i
                                   eval_data, bucketing, system,
                                   metrics_lib.gradient_dissimilarity(model) if dissimilarity else None,
                                   hparams=stacked_hparams, aggregator=aggregator, sampling=how,
-                                  aggregator_hparams=agg_overrides, attack=attack)
+                                  aggregator_hparams=agg_overrides, attack=attack, rounds=rounds)
   num_clients = trains[0].num_clients
   columns = [sim.derived_columns(engine, params[0], sim.epsilon_of(a, how, cohort_size,
                                                                     num_clients), cohort_size)

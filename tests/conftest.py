@@ -11,7 +11,7 @@ _CACHE = tempfile.mkdtemp(prefix="fedjax_sim_test_xla_cache_")
 
 def pytest_configure(config):
   jax.config.update("jax_compilation_cache_dir", _CACHE)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
 def pytest_unconfigure(config):

@@ -55,7 +55,7 @@ def _split(xs, ys, cut):
           fs.FederatedData.from_arrays([x[cut:] for x in xs], [y[cut:] for y in ys]))
 
 
-def test_fedper_personal_head_beats_the_global_model_on_conflicting_labels(conflicting):
+def _fedper_personal_head_beats_the_global_model(conflicting):
   """Half the clients label every example one class further: no global model fits both halves
   (the Ditto fixture's global model is FedAvg's, trained the same way), a personal output layer
   does. The server's copy of the personal layer never moves, and it never travels (fewer bytes)."""
@@ -119,8 +119,7 @@ def conflicting():
   return xs, ys, model, run(0.05, 0.3), run(100.0, 0.005)
 
 
-def test_finetuned_and_ditto_personal_models_beat_the_global_model_on_conflicting_labels(
-    conflicting):
+def _finetuned_and_ditto_personal_models_beat_the_global_model(conflicting):
   """No global model fits both halves of the clients; 20 local steps of fine-tuning, and Ditto's
   personal models, do. The fine-tuned metrics are replayed: each client's 20 full-batch steps from
   the final global model, scored on its held-out examples."""
@@ -156,7 +155,7 @@ def _distance(states, params):
   return float(np.mean(np.sqrt(diff / norm)))
 
 
-def test_ditto_with_a_large_lambda_keeps_personal_models_at_the_global_one(conflicting):
+def _ditto_with_a_large_lambda_keeps_personal_models_at_the_global_one(conflicting):
   _, _, _, small, large = conflicting
   assert _distance(large.state.client_states, large.params) < 0.05
   assert _distance(small.state.client_states, small.params) > 0.3
@@ -164,6 +163,14 @@ def test_ditto_with_a_large_lambda_keeps_personal_models_at_the_global_one(confl
   assert abs(h["test_personal_accuracy"][-1] - h["test_accuracy"][-1]) < 0.1
   # The global model is FedAvg's whatever λ is.
   assert_equal(large.params, small.params)
+
+
+def test_personalization_on_conflicting_labels(conflicting):
+  """FedPer, fine-tuning and Ditto on the conflicting-labels clients, in one test so that the two
+  Ditto runs of the fixture are computed once (tests of one module may run on two workers)."""
+  _fedper_personal_head_beats_the_global_model(conflicting)
+  _finetuned_and_ditto_personal_models_beat_the_global_model(conflicting)
+  _ditto_with_a_large_lambda_keeps_personal_models_at_the_global_one(conflicting)
 
 
 def test_ditto_personal_update_replayed_and_bad_arguments():

@@ -537,7 +537,7 @@ MUTATIONS = [
     M("local_update_sent", "personal", STEP,
       "      delta, local_k = personal.zero_local(delta, spec.local), personal.split(w, spec.local)",
       "      local_k = personal.split(w, spec.local)",
-      ("tests/test_personal.py::test_fedper_personal_head_beats_the_global_model_on_conflicting_labels",),
+      ("tests/test_personal.py::test_personalization_on_conflicting_labels",),
       "local parameters' updates reach the server"),
     M("personal_eval_global", "personal", "fedjax_sim/metrics.py",
       "        owners = jnp.minimum(client_of_row[rows], num_clients - 1)",

@@ -124,8 +124,8 @@ def make_buckets(num_examples: np.ndarray, algo: Algorithm, cohort_size: int,
   num_clients = sizes.shape[1]
   flat = sizes.reshape(-1)
   groups = size_buckets(flat) if bucketing else [np.arange(flat.size)]
-  if bucketing == "auto" and sizes.shape[0] == 1 and rounds is not None:
-    groups = merge_groups(groups, flat, algo, cohort_size, rounds, step_flops)
+  if bucketing == "auto" and rounds is not None:  # a sweep's runs all execute every bucket
+    groups = merge_groups(groups, flat, algo, cohort_size * sizes.shape[0], rounds, step_flops)
   bucket_of = np.zeros(flat.size, np.int32)
   for b, g in enumerate(groups):
     bucket_of[g] = b

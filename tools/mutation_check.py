@@ -232,10 +232,11 @@ MUTATIONS = [
       (f"{T_ALG}::test_moon_local_objective_matches_numpy",),
       "the previous local model taken as the positive pair"),
     M("local_loss_hook_ignored", "moon", C,
-      "  if hooks.local_loss is None:", "  if True:",
+      "  if hooks.local_loss is not None:", "  if False:",
       (f"{T_ALG}::test_moon_with_mu_zero_is_fedavg",), "the engine never calls the local objective"),
     M("custom_loss_ignored", "models", "fedjax_sim/models.py",
-      "    if self.loss_fn is not None:", "    if False:",
+      "    return self.loss_fn(out, y) if self.loss_fn is not None else loss_from_outputs(",
+      "    return self.loss_fn(out, y) if False else loss_from_outputs(",
       (f"{T_ALG}::test_custom_model_loss_is_trained",), "a model's own loss is ignored"),
     # --- stragglers and dropouts
     M("dropout_inverted", "systems", S,

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from fedjax_sim._checks import non_negative_float, positive_float, positive_int
-from fedjax_sim.algorithms._base import Algorithm, Hooks
+from fedjax_sim.algorithms._base import Algorithm
 from fedjax_sim.algorithms.fedavg import fedavg
 
 

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_sim._checks import fraction, positive_float, positive_int
-from fedjax_sim.algorithms._base import Algorithm, Hooks
+from fedjax_sim.algorithms._base import Algorithm
 from fedjax_sim.algorithms.fedavg import fedavg
 
 

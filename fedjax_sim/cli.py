@@ -94,6 +94,8 @@ CONFIG_KEYS = {
     "bucketing": ("auto", "group clients by size so small clients do not pay for the largest "
                   "one's local steps: auto (size groups merged where one more compiled bucket "
                   "would cost more than it saves over the run's rounds) | true | false"),
+    "devices": ("all", "devices each cohort chunk is split over: all (every device of the default "
+                "backend, of every process in a multi-process run) | a count k (the first k)"),
     "compilation_cache": ("~/.cache/fedjax_sim/xla", "directory of JAX's persistent compilation "
                           "cache, so a rerun skips compilation ('none' = off; a cache already "
                           "configured, e.g. by JAX_COMPILATION_CACHE_DIR, is kept)"),
@@ -106,7 +108,7 @@ CONFIG_KEYS = {
 }
 # keys a resumed run may change: they do not change the numbers of the rounds already run
 RESUMABLE_CHANGES = ("rounds", "checkpoint_every", "checkpoint_keep", "compilation_cache",
-                     "tensorboard")
+                     "tensorboard", "devices")
 
 MODELS = ("softmax_regression", "logistic_regression", "linear_regression", "mlp", "cnn",
           "shakespeare_lstm")
@@ -442,9 +444,19 @@ def build_system(options: dict):
 
 
 def engine_options(config: dict) -> dict:
-  """``population`` and ``bucketing`` for :func:`fedjax_sim.simulate`, checked; raises
-  ConfigError."""
-  population, bucketing = config["population"], config["bucketing"]
+  """``population``, ``bucketing`` and ``devices`` for :func:`fedjax_sim.simulate`, checked;
+  raises ConfigError."""
+  population, bucketing, devices = config["population"], config["bucketing"], config["devices"]
+  if devices == "all":
+    devices = None
+  elif isinstance(devices, bool) or not isinstance(devices, int) or devices < 1:
+    raise ConfigError(f"devices must be 'all' or a positive integer, got {devices!r}")
+  else:
+    try:
+      from fedjax_sim.engine.mesh import resolve_devices
+      resolve_devices(devices)
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
   if population not in ("device", "host"):
     raise ConfigError(f"population must be 'device' or 'host', got {population!r}")
   if bucketing not in (True, False, "auto") or isinstance(bucketing, (int, float)) and not \
@@ -453,7 +465,7 @@ def engine_options(config: dict) -> dict:
   if population == "host" and (config["dissimilarity"] or config["plan"] == "host_loop"):
     raise ConfigError("population='host' streams cohorts into compiled blocks: it cannot run "
                       "plan='host_loop' or measure the dissimilarity (dissimilarity=true)")
-  return {"population": population, "bucketing": bucketing}
+  return {"population": population, "bucketing": bucketing, "devices": devices}
 
 
 def load_dataset(config: dict):

@@ -198,7 +198,7 @@ def choose_plan(plan: str, chunk_size: int | None, model: Model, params, feature
   """Resolves ``plan="auto"`` per backend and model size; validates explicit choices.
 
   ``compiled_block``: the caller needs every round inside one compiled block (sweeps, streamed
-  populations), so ``auto`` never picks ``host_loop``.
+  populations, several devices), so ``auto`` never picks ``host_loop``.
   """
   x_dtype = jax.dtypes.canonicalize_dtype(x_dtype)
   conv = contains_convolution(model.apply, params, jnp.zeros((1, *feature_shape), x_dtype))
@@ -406,7 +406,8 @@ def simulate(algorithm: Algorithm, model: Model, train: FederatedData, rounds: i
              checkpoint_dir: str | None = None, checkpoint_every: int | None = None,
              checkpoint_keep: int = 2, resume=False, init_state=None,
              start_round: int | None = None, per_client_metrics: bool = False,
-             client_callback: Callable[[list[dict]], None] | None = None) -> SimulationResult:
+             client_callback: Callable[[list[dict]], None] | None = None,
+             devices=None) -> SimulationResult:
   """Simulates ``rounds`` rounds of federated training.
 
   Args:
@@ -487,6 +488,12 @@ def simulate(algorithm: Algorithm, model: Model, train: FederatedData, rounds: i
     client_callback: with ``per_client_metrics``, called after each block with one dict per
       evaluated round: ``round`` and ``{train,test}_{loss,accuracy}`` arrays over that set's
       clients.
+    devices: ``None`` (every device of the default backend, of every process after
+      :func:`fedjax_sim.distributed.initialize`), a count ``k`` (the first ``k``), or a sequence
+      of devices. Each chunk of the cohort is split over them (a ``jax.sharding.Mesh`` axis
+      ``clients``); params, server state, population and per-client states are replicated and
+      the chunk's sums are added across devices. Client keys derive from global ids, so results
+      equal one device's up to float reassociation. ``info["devices"]`` reports the count.
 
   Returns:
     A :class:`SimulationResult`.
@@ -511,6 +518,7 @@ def simulate(algorithm: Algorithm, model: Model, train: FederatedData, rounds: i
   if streaming and (dissimilarity or plan == "host_loop"):
     raise ValueError("population='host' streams cohorts into compiled blocks: it cannot run "
                      "plan='host_loop' or measure the population-wide dissimilarity")
+  mesh = engine_lib.mesh.make_mesh(devices)
   key = jax.random.key(int(seed))
   params = initial_params(model, seed, init_params)
   _check_labels(model, params, train, "train")
@@ -523,7 +531,7 @@ def simulate(algorithm: Algorithm, model: Model, train: FederatedData, rounds: i
   backend = jax.default_backend()
   batch = algorithm.batch_size or int(train.num_examples.max())
   chosen = choose_plan(plan, chunk_size, model, params, train.feature_shape, batch, backend,
-                       train.x.dtype, compiled_block=streaming)
+                       train.x.dtype, compiled_block=streaming or mesh is not None)
   eval_sets = {} if streaming else {"train": train}
   if test is not None:
     eval_sets["test"] = test
@@ -542,7 +550,7 @@ def simulate(algorithm: Algorithm, model: Model, train: FederatedData, rounds: i
                                   if dissimilarity else None, streaming=streaming,
                                   aggregator=aggregator, sampling=how, attack=attack,
                                   local=local, rounds=rounds, client_sets=client_sets,
-                                  finetune_steps=finetune_steps)
+                                  finetune_steps=finetune_steps, mesh=mesh)
   columns = derived_columns(engine, params, epsilon_of(engine.spec.aggregator, how, cohort_size,
                                                        train.num_clients), cohort_size)
   collect = check_collect_memory(engine, params)
@@ -554,8 +562,8 @@ def simulate(algorithm: Algorithm, model: Model, train: FederatedData, rounds: i
       "sampling": how.kind,
       "expected_clients": how.rate * train.num_clients if how.kind == "poisson" else cohort_size,
       "overflow_rounds": [], **({"privacy": dp} if dp else {}),
-      "backend": backend, "cohort_size": cohort_size, "rounds_per_block": block_len,
-      "num_buckets": len(engine.buckets), "collect_bytes": collect,
+      "backend": backend, "devices": engine_lib.mesh.size(mesh), "cohort_size": cohort_size,
+      "rounds_per_block": block_len, "num_buckets": len(engine.buckets), "collect_bytes": collect,
       "bucket_max_examples": [b.shape.max_examples for b in engine.buckets],
       "padding_waste": engine_lib.padding_waste(train.num_examples, engine.groups, algorithm),
       "padding_waste_unbucketed": engine_lib.padding_waste(

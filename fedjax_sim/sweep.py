@@ -65,8 +65,8 @@ def simulate_sweep(algorithm: Algorithm, model: Model, trains, seeds: Sequence[i
                    rounds_per_block: int | None = None, bucketing: bool | str = "auto",
                    system: systems.Heterogeneity | None = None,
                    dissimilarity: bool = False, aggregator=None, sampling: str = "fixed",
-                   aggregator_hparams: Sequence[dict] | None = None, attack=None
-                   ) -> list[sim.SimulationResult]:
+                   aggregator_hparams: Sequence[dict] | None = None, attack=None,
+                   devices=None) -> list[sim.SimulationResult]:
   """Runs ``len(seeds)`` simulations in one compiled, vmapped program.
 
   Args:
@@ -78,7 +78,7 @@ def simulate_sweep(algorithm: Algorithm, model: Model, trains, seeds: Sequence[i
       ``{"client_lr": 0.03}``); a key the algorithm does not hold as data is refused by name.
     tests: held-out data per run (or one for all, or ``None``).
     rounds, clients_per_round, client_fraction, eval_every, plan, chunk_size, rounds_per_block,
-    bucketing, system, dissimilarity, aggregator, sampling, attack: as in
+    bucketing, system, dissimilarity, aggregator, sampling, attack, devices: as in
       :func:`fedjax_sim.simulate` (each run draws its Byzantine set from its own seed).
     aggregator_hparams: per run, a dict overriding some of ``aggregator.hparams`` (e.g.
       ``{"noise_multiplier": 0.5}`` for :func:`~fedjax_sim.aggregators.dp_mean`).
@@ -120,6 +120,7 @@ def simulate_sweep(algorithm: Algorithm, model: Model, trains, seeds: Sequence[i
     if test is not None:
       sim._check_labels(model, params[0], test, f"tests[{i}]")
   attack = sim.check_attack(attack, model, params[0], trains[0])
+  mesh = engine_lib.mesh.make_mesh(devices)
   backend = jax.default_backend()
   batch = algorithm.batch_size or max(int(t.num_examples.max()) for t in trains)
   chosen = sim.choose_plan(plan, chunk_size, model, params[0], trains[0].feature_shape, batch,
@@ -140,7 +141,8 @@ def simulate_sweep(algorithm: Algorithm, model: Model, trains, seeds: Sequence[i
                                   eval_data, bucketing, system,
                                   metrics_lib.gradient_dissimilarity(model) if dissimilarity else None,
                                   hparams=stacked_hparams, aggregator=aggregator, sampling=how,
-                                  aggregator_hparams=agg_overrides, attack=attack, rounds=rounds)
+                                  aggregator_hparams=agg_overrides, attack=attack, rounds=rounds,
+                                  mesh=mesh)
   num_clients = trains[0].num_clients
   columns = [sim.derived_columns(engine, params[0], sim.epsilon_of(a, how, cohort_size,
                                                                     num_clients), cohort_size)
@@ -170,6 +172,7 @@ def simulate_sweep(algorithm: Algorithm, model: Model, trains, seeds: Sequence[i
         for k, v in row.items():
           histories[i].setdefault(k, []).append(v)
   info = {"plan": chosen.name, "chunk_size": chosen.chunk_size, "backend": backend, "runs": runs,
+          "devices": engine_lib.mesh.size(mesh),
           "aggregator": engine.spec.aggregator.name, "sampling": how.kind,
           "attack": None if attack is None else attack.name,
           "cohort_size": cohort_size, "rounds_per_block": block_len,

@@ -29,7 +29,7 @@ from fedjax_sim.engine.cohort import (RoundKeys, Sampling, poisson_capacity, rou
                                      sample_cohort)
 from fedjax_sim.engine.executors import compiled, host_loop
 from fedjax_sim.engine.population import CohortStream, DeviceData, device_data
-from fedjax_sim.engine import personal_eval, round_step
+from fedjax_sim.engine import mesh as mesh_lib, personal_eval, round_step
 from fedjax_sim.engine.round_step import ROUND_STATS, ServerState
 from fedjax_sim.engine.spec import PLANS, Plan, RoundSpec
 
@@ -59,7 +59,8 @@ def build_engine(model, algo: Algorithm, train, plan: Plan, cohort_size: int, tr
                  streaming: bool = False, aggregator=None, sampling: Sampling | None = None,
                  aggregator_hparams: list | None = None, attack=None,
                  local: tuple | None = None, rounds: int | None = None,
-                 client_sets: list | None = None, finetune_steps: int | None = None) -> Engine:
+                 client_sets: list | None = None, finetune_steps: int | None = None,
+                 mesh=None) -> Engine:
   """Builds the round for one (model, algorithm, aggregator, dataset, plan), or for a sweep.
 
   A sweep (``train`` a list of datasets with the same number of clients; ``train_key``,
@@ -96,11 +97,16 @@ def build_engine(model, algo: Algorithm, train, plan: Plan, cohort_size: int, tr
       each client's own model: fine-tuned for ``finetune_steps`` local steps, and the
       algorithm's personal model (``Hooks.personal_params``) if it has one.
     finetune_steps: ``k`` for the fine-tuned metrics, or ``None`` (not measured).
+    mesh: a ``clients`` :class:`jax.sharding.Mesh` to split each chunk of clients over
+      (:mod:`fedjax_sim.engine.mesh`), or ``None`` (one device).
   """
   sweep = isinstance(train, (list, tuple))
   num_clients = train[0].num_clients if sweep else train.num_clients
   if sweep and plan.name == "host_loop":
     raise ValueError("a sweep runs inside one compiled program; plan 'host_loop' cannot run it")
+  if mesh is not None and plan.name == "host_loop":
+    raise ValueError("plan 'host_loop' runs on one device; use plan vmap/chunked/scan with "
+                     "several devices")
   if streaming and (sweep or plan.name == "host_loop" or population_metrics is not None):
     raise ValueError("a streamed population runs with plan vmap/chunked/scan, without sweeps or "
                      "population metrics (dissimilarity)")
@@ -113,10 +119,11 @@ def build_engine(model, algo: Algorithm, train, plan: Plan, cohort_size: int, tr
   sizes = np.stack([t.num_examples for t in train]) if sweep else train.num_examples
   buckets, bucket_of, groups = make_buckets(sizes, algo, cohort_size, plan.chunk_size, bucketing,
                                             variable_steps=system.partial, rounds=rounds,
-                                            step_flops=step_flops(model, algo, sizes))
+                                            step_flops=step_flops(model, algo, sizes),
+                                            devices=mesh_lib.size(mesh))
   spec = RoundSpec(model, algo, aggregator, buckets, num_clients, cohort_size, system, plan,
                    client_lib.shuffle_method(int(np.max(sizes))), streaming, sampling, attack,
-                   local)
+                   local, mesh)
   hparams = {k: jnp.asarray(v, jnp.float32)
              for k, v in (run_hparams(algo) if hparams is None else hparams).items()}
   client_metrics = None

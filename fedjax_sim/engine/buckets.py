@@ -105,7 +105,7 @@ def padding_waste(num_examples: np.ndarray, groups: list[np.ndarray], algo: Algo
 def make_buckets(num_examples: np.ndarray, algo: Algorithm, cohort_size: int,
                  chunk_size: int | None, bucketing: bool | str = True,
                  variable_steps: bool = False, rounds: int | None = None,
-                 step_flops: float = 0.0) -> tuple[list[Bucket], np.ndarray, list]:
+                 step_flops: float = 0.0, devices: int = 1) -> tuple[list[Bucket], np.ndarray, list]:
   """Builds the buckets; returns ``(buckets, bucket_of_client, groups)``.
 
   ``bucketing``: ``True`` (every size group of :func:`size_buckets`), ``False`` (one bucket), or
@@ -119,6 +119,9 @@ def make_buckets(num_examples: np.ndarray, algo: Algorithm, cohort_size: int,
   ``num_examples`` is ``[num_clients]``, or ``[runs, num_clients]`` for a sweep: then the buckets
   are shared by every run (shapes fit the union of the runs' clients) and ``bucket_of_client`` is
   ``[runs, num_clients]``; ``groups`` index the flattened sizes.
+
+  With ``devices > 1`` every chunk is a multiple of ``devices`` (each device trains an equal share
+  of it, :mod:`fedjax_sim.engine.mesh`); the extra slots are empty.
   """
   sizes = np.atleast_2d(num_examples)
   num_clients = sizes.shape[1]
@@ -142,6 +145,7 @@ def make_buckets(num_examples: np.ndarray, algo: Algorithm, cohort_size: int,
       chunk = capacity
     elif chunk_size is not None:
       chunk = max(1, min(chunk_size, chunk))
+    chunk = -(-chunk // devices) * devices
     buckets.append(Bucket(client_lib.bucket_shape(flat[g], algo, variable_steps), capacity,
                           chunk, members, dense=capacity <= 2 * expected))
   if np.ndim(num_examples) == 1:

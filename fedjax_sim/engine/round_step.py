@@ -23,6 +23,7 @@ from fedjax_sim import personal
 from fedjax_sim.aggregators import StreamSums, weighted_sums
 from fedjax_sim.algorithms import (ClientContext, ClientOutput, RoundSummary, optimizer_update,
                                    run_hparams)
+from fedjax_sim.engine import mesh as mesh_lib
 
 ROUND_STATS = ("drift", "update_norm_mean", "update_norm_max", "participants")
 ATTACK_STATS = ("attackers",)
@@ -262,14 +263,18 @@ def finish_chunk(spec, d, state: ServerState, plan_r, shape, new_params, job, co
 
 def train_chunk(spec, d, state: ServerState, hp, plan_r, job, ids, returns, chunk_states,
                 shape, attackers=None) -> ChunkResult:
-  """One chunk of clients trained in one program (stages 3–5 for the chunk)."""
-  bound = jnp.max(job.num_steps)
-  contexts = chunk_contexts(spec, state, hp, plan_r, job, chunk_states[0], d.global_id(ids))
-  new_params = over_chunk(lambda job_k, ctx, local_k: client_lib.local_train(
-      spec.model, spec.algo, shape, start_params(spec, start_of(spec, state, ctx), local_k), d.x,
-      d.y, job_k, ctx, bound, spec.plan.unroll))(job, contexts, chunk_states[2])
-  return finish_chunk(spec, d, state, plan_r, shape, new_params, job, contexts, chunk_states, ids,
-                      returns, attackers)
+  """One chunk of clients trained in one program (stages 3–5 for the chunk); with a mesh, the
+  chunk's clients are split over its devices (:func:`fedjax_sim.engine.mesh.sharded_chunk`)."""
+  def run(d, state, hp, plan_r, job, ids, returns, chunk_states, attackers):
+    bound = jnp.max(job.num_steps)
+    contexts = chunk_contexts(spec, state, hp, plan_r, job, chunk_states[0], d.global_id(ids))
+    new_params = over_chunk(lambda job_k, ctx, local_k: client_lib.local_train(
+        spec.model, spec.algo, shape, start_params(spec, start_of(spec, state, ctx), local_k),
+        d.x, d.y, job_k, ctx, bound, spec.plan.unroll))(job, contexts, chunk_states[2])
+    return finish_chunk(spec, d, state, plan_r, shape, new_params, job, contexts, chunk_states,
+                        ids, returns, attackers)
+  return mesh_lib.sharded_chunk(run, spec.mesh, 4)(d, state, hp, plan_r, job, ids, returns,
+                                                   chunk_states, attackers)
 
 
 # --- the empty round's sums and buffers -------------------------------------------------------

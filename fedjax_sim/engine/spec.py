@@ -43,6 +43,8 @@ class RoundSpec(NamedTuple):
     attack: Byzantine clients (:class:`fedjax_sim.attacks.Attack`) or ``None``.
     local: which model leaves stay on each client (a mask in leaf order,
       :mod:`fedjax_sim.personal`), or ``None``.
+    mesh: the ``clients`` mesh each chunk is split over (:mod:`fedjax_sim.engine.mesh`), or
+      ``None`` (one device).
   """
   model: Any
   algo: Any
@@ -57,6 +59,7 @@ class RoundSpec(NamedTuple):
   sampling: Any = None
   attack: Any = None
   local: tuple | None = None
+  mesh: Any = None
 
   @property
   def poisson(self) -> bool:

@@ -17,6 +17,7 @@ from jax import lax
 from fedjax_sim.engine import jobs as jobs_lib
 from fedjax_sim.engine import round_step as rs
 from fedjax_sim.engine.cohort import plan_round
+from fedjax_sim.engine.mesh import replicate
 from fedjax_sim.engine.population import DeviceData
 
 
@@ -85,13 +86,16 @@ def build(spec, data, train_key, evaluate, eval_data, population_metrics, hparam
     block = jax.vmap(block, in_axes=(0, data_axes, 0, 0, 0, None, None, None))
     init_state = jax.vmap(init_state)
   block_j = jax.jit(block, donate_argnums=0)
+  place = lambda tree: replicate(tree, spec.mesh)  # several devices: inputs on every device
+  data, eval_data, train_key, hparams = place((data, eval_data, train_key, hparams))
 
   def run_block(state, rounds, active, do_eval):
+    state, rounds, active, do_eval = place((state, rounds, active, do_eval))
     if stream is None:
       return block_j(state, data, eval_data, train_key, hparams, rounds, active, do_eval)
-    rounds = np.asarray(rounds)
     out = block_j(state, None, eval_data, train_key, hparams, rounds, active, do_eval,
-                  stream.take(train_key, rounds))
+                  place(stream.take(train_key, np.asarray(rounds))))
+    rounds = np.asarray(rounds)
     stream.prefetch(train_key, rounds + len(rounds))  # overlaps the block just dispatched
     return out
   run_block.compiled = block_j  # for inspection (compile counts, memory analysis)

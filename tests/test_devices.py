@@ -1,0 +1,87 @@
+"""Several devices (``simulate(..., devices=...)``): the cohort's chunks split over a ``clients``
+mesh give the histories of one device, up to float reassociation.
+
+The comparison runs in a subprocess with four forced CPU devices
+(``XLA_FLAGS=--xla_force_host_platform_device_count=4``): this process's JAX already has one.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import pytest
+
+import fedjax_sim as fs
+from fedjax_sim.engine import mesh as mesh_lib
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# Each configuration runs with devices=1 and devices=4 in the child; their histories must agree.
+CHILD = textwrap.dedent("""
+    import os, sys
+    sys.path.insert(0, {tests!r})
+    import jax, numpy as np
+    import fedjax_sim as fs
+    from helpers import classification_clients
+
+    assert len(jax.devices()) == 4, jax.devices()
+    xs, ys = classification_clients([5, 9, 14, 20, 33, 41, 8, 12, 17, 25, 6, 30], seed=0)
+    train = fs.FederatedData.from_arrays(xs, ys)
+    model = fs.models.softmax_regression(5, 3)
+    sgd = dict(client_lr=0.1, local_epochs=2, batch_size=4)
+    common = dict(rounds=2, clients_per_round=6, bucketing=False)
+
+    def same(a, b, what):
+      assert a.info["devices"] == 1 and b.info["devices"] == 4, (a.info["devices"], b.info["devices"])
+      for k in a.history:
+        if k != "elapsed":
+          np.testing.assert_allclose(a.history[k], b.history[k], rtol=1e-4, atol=1e-6,
+                                     err_msg=f"{{what}}: {{k}}")
+      jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6),
+                   a.params, b.params)
+
+    # FedAvg under DP (clipping + Gaussian noise keyed per round) on a host-streamed population.
+    runs = [fs.simulate(fs.algorithms.fedavg(**sgd), model, train, seed=3, test=train,
+                        population="host", aggregator=fs.aggregators.dp_mean(0.5, 0.3),
+                        devices=d, **common) for d in (1, 4)]
+    same(*runs, "fedavg dp host")
+    # SCAFFOLD (per-client control variates scattered back by id) with the coordinate-wise median,
+    # as a sweep over two learning rates, population on device.
+    sweeps = [fs.simulate_sweep(fs.algorithms.scaffold(**sgd), model, [train, train], seeds=[1, 2],
+                                hparams=[{{"client_lr": 0.1}}, {{"client_lr": 0.05}}],
+                                aggregator=fs.aggregators.median(), devices=d, **common)
+              for d in (1, 4)]
+    for a, b in zip(*sweeps):
+      same(a, b, "scaffold median sweep")
+      jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6),
+                   a.state.client_states, b.state.client_states)
+    print("DEVICES-OK")
+""")
+
+
+def test_four_devices_equal_one():
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+             JAX_PLATFORMS="cpu")
+  out = subprocess.run([sys.executable, "-c", CHILD.format(tests=HERE)], env=env,
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0 and "DEVICES-OK" in out.stdout, out.stderr[-4000:]
+
+
+def test_bad_devices_are_named():
+  count = len(jax.devices())
+  with pytest.raises(ValueError, match=f"devices={count + 1} but only {count} cpu device"):
+    mesh_lib.resolve_devices(count + 1)
+  for bad, msg in [(0, "at least 1, got 0"), ("two", "got 'two'"), (True, "got True"),
+                   ([], "empty sequence"), (["cpu:0"], "not a jax.Device"),
+                   ([jax.devices()[0]] * 2, "lists a device twice")]:
+    with pytest.raises(ValueError, match=msg):
+      mesh_lib.resolve_devices(bad)
+  assert mesh_lib.make_mesh(None if count == 1 else 1) is None  # one device: no mesh
+  train = fs.FederatedData.from_arrays([jax.numpy.ones((2, 3))], [jax.numpy.zeros(2, "int32")])
+  with pytest.raises(ValueError, match="devices"):
+    fs.simulate(fs.algorithms.fedavg(), fs.models.softmax_regression(3, 2), train, rounds=1,
+                devices=count + 1)

@@ -553,6 +553,16 @@ MUTATIONS = [
       "  if need and budget and need > budget // 2:", "  if need and budget and need > budget * 2:",
       ("tests/test_aggregators.py::test_a_collect_buffer_larger_than_the_device_is_refused",),
       "a collect buffer larger than the device is not refused"),
+    # --- several devices
+    M("device_sums_not_added", "devices", E + "mesh.py",
+      "    total = jax.lax.psum(sums._replace(norm_max=0.0), AXIS)",
+      "    total = sums._replace(norm_max=0.0)",
+      ("tests/test_devices.py::test_four_devices_equal_one",),
+      "each device keeps only its own share of a chunk's sums"),
+    M("device_norm_max_local", "devices", E + "mesh.py",
+      "norm_max=jax.lax.pmax(sums.norm_max, AXIS)", "norm_max=sums.norm_max",
+      ("tests/test_devices.py::test_four_devices_equal_one",),
+      "the largest update norm of one device's share, not of the chunk"),
 ]
 
 

@@ -44,21 +44,23 @@ CHILD = textwrap.dedent("""
       jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6),
                    a.params, b.params)
 
-    # FedAvg under DP (clipping + Gaussian noise keyed per round) on a host-streamed population.
-    runs = [fs.simulate(fs.algorithms.fedavg(**sgd), model, train, seed=3, test=train,
-                        population="host", aggregator=fs.aggregators.dp_mean(0.5, 0.3),
-                        devices=d, **common) for d in (1, 4)]
-    same(*runs, "fedavg dp host")
-    # SCAFFOLD (per-client control variates scattered back by id) with the coordinate-wise median,
-    # as a sweep over two learning rates, population on device.
-    sweeps = [fs.simulate_sweep(fs.algorithms.scaffold(**sgd), model, [train, train], seeds=[1, 2],
-                                hparams=[{{"client_lr": 0.1}}, {{"client_lr": 0.05}}],
-                                aggregator=fs.aggregators.median(), devices=d, **common)
-              for d in (1, 4)]
+    # Several devices split each chunk of clients: SCAFFOLD (per-client control variates
+    # scattered back by id) with the coordinate-wise median (collect path) on a host-streamed
+    # population.
+    runs = [fs.simulate(fs.algorithms.scaffold(**sgd), model, train, seed=3, test=train,
+                        population="host", aggregator=fs.aggregators.median(), devices=d,
+                        **common) for d in (1, 4)]
+    same(*runs, "scaffold median host")
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6),
+                 runs[0].state.client_states, runs[1].state.client_states)
+    # A sweep of 4 runs on 4 devices splits its runs: FedAvg under DP (clipping and Gaussian
+    # noise) over four learning rates, population on device.
+    lrs = [{{"client_lr": v}} for v in (0.1, 0.05, 0.2, 0.02)]
+    sweeps = [fs.simulate_sweep(fs.algorithms.fedavg(**sgd), model, [train] * 4, seeds=[1, 2, 3, 4],
+                                hparams=lrs, aggregator=fs.aggregators.dp_mean(0.5, 0.3),
+                                devices=d, **common) for d in (1, 4)]
     for a, b in zip(*sweeps):
-      same(a, b, "scaffold median sweep")
-      jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6),
-                   a.state.client_states, b.state.client_states)
+      same(a, b, "fedavg dp sweep")
     print("DEVICES-OK")
 """)
 

@@ -98,12 +98,16 @@ def build_engine(model, algo: Algorithm, train, plan: Plan, cohort_size: int, tr
       algorithm's personal model (``Hooks.personal_params``) if it has one.
     finetune_steps: ``k`` for the fine-tuned metrics, or ``None`` (not measured).
     mesh: a ``clients`` :class:`jax.sharding.Mesh` to split each chunk of clients over
-      (:mod:`fedjax_sim.engine.mesh`), or ``None`` (one device).
+      (:mod:`fedjax_sim.engine.mesh`), or ``None`` (one device). A sweep whose run count is a
+      multiple of the device count splits its runs over the devices instead.
   """
   sweep = isinstance(train, (list, tuple))
   num_clients = train[0].num_clients if sweep else train.num_clients
   if sweep and plan.name == "host_loop":
     raise ValueError("a sweep runs inside one compiled program; plan 'host_loop' cannot run it")
+  runs_mesh = None  # a sweep whose runs divide evenly over the devices splits runs, not chunks
+  if sweep and mesh is not None and len(train) % mesh_lib.size(mesh) == 0:
+    runs_mesh, mesh = mesh, None
   if mesh is not None and plan.name == "host_loop":
     raise ValueError("plan 'host_loop' runs on one device; use plan vmap/chunked/scan with "
                      "several devices")
@@ -139,7 +143,7 @@ def build_engine(model, algo: Algorithm, train, plan: Plan, cohort_size: int, tr
     data = None if streaming else device_data(train, bucket_of)
     run_block, init_state = compiled.build(spec, data, train_key, evaluate, eval_data,
                                            population_metrics, hparams, sweep, stream,
-                                           client_metrics)
+                                           client_metrics, runs_mesh)
   if len(runs) > 1:
     init_state = _per_run_aggregator_states(spec, init_state, runs)
   return Engine(run_block, init_state, buckets, groups, plan, spec, runs)

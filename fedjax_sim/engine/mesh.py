@@ -66,7 +66,8 @@ def replicate(tree, mesh: Mesh | None):
     return tree
   sharding = NamedSharding(mesh, P())
   def put(a):
-    if isinstance(a, jax.Array) and a.sharding == sharding:
+    if (isinstance(a, jax.Array) and isinstance(a.sharding, NamedSharding)
+        and a.sharding.mesh == mesh):  # already placed (replicated, or a sweep's state by run)
       return a
     if mesh.is_multi_process:  # each process passes the same host value
       host = np.asarray(a)
@@ -99,5 +100,21 @@ def sharded_chunk(fn, mesh: Mesh | None, num_replicated: int):
     # check_vma=False: the local-training loops carry replicated params into per-device values,
     # which the varying-axes checker would refuse; the sums are made replicated by psum.
     return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+                         check_vma=False)(*args)
+  return run
+
+
+def over_runs(block, mesh: Mesh | None, run_args: tuple):
+  """A sweep's vmapped ``block`` with its runs split over ``mesh`` (each device runs
+  ``runs / devices`` whole simulations; no cross-device traffic inside a round). ``run_args``:
+  per positional argument, ``True`` where its leading axis is the run axis, ``False`` where it is
+  shared, or a pytree prefix of those (e.g. the population's shared rows and per-run offsets).
+  The outputs (state, metrics) stay split by run."""
+  if mesh is None:
+    return block
+  spec = lambda per_run: jax.tree.map(lambda r: P(AXIS) if r else P(), per_run)
+  def run(*args):
+    in_specs = tuple(spec(r) for r in run_args[:len(args)])
+    return jax.shard_map(block, mesh=mesh, in_specs=in_specs, out_specs=P(AXIS),
                          check_vma=False)(*args)
   return run

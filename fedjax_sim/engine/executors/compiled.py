@@ -17,7 +17,7 @@ from jax import lax
 from fedjax_sim.engine import jobs as jobs_lib
 from fedjax_sim.engine import round_step as rs
 from fedjax_sim.engine.cohort import plan_round
-from fedjax_sim.engine.mesh import replicate
+from fedjax_sim.engine.mesh import over_runs, replicate
 from fedjax_sim.engine.population import DeviceData
 
 
@@ -61,8 +61,9 @@ def device_round(spec, d: DeviceData, train_key, state: rs.ServerState, hp, r):
 
 
 def build(spec, data, train_key, evaluate, eval_data, population_metrics, hparams, sweep: bool,
-          stream, client_metrics=None):
-  """``(run_block, init_state)`` of the compiled executor.
+          stream, client_metrics=None, runs_mesh=None):
+  """``(run_block, init_state)`` of the compiled executor (``runs_mesh``: a sweep's runs split
+  over its devices, :func:`fedjax_sim.engine.mesh.over_runs`).
 
   ``run_block(state, rounds[R], active[R], evaluate[R]) -> (state, metrics dict of [R])``.
   """
@@ -84,9 +85,12 @@ def build(spec, data, train_key, evaluate, eval_data, population_metrics, hparam
   if sweep:
     data_axes = DeviceData(None, None, 0, 0, 0, None)
     block = jax.vmap(block, in_axes=(0, data_axes, 0, 0, 0, None, None, None))
+    data_runs = DeviceData(False, False, True, True, True, False)
+    block = over_runs(block, runs_mesh, (True, data_runs, True, True, True, False, False, False))
     init_state = jax.vmap(init_state)
   block_j = jax.jit(block, donate_argnums=0)
-  place = lambda tree: replicate(tree, spec.mesh)  # several devices: inputs on every device
+  mesh = spec.mesh or runs_mesh
+  place = lambda tree: replicate(tree, mesh)  # several devices: inputs on every device
   data, eval_data, train_key, hparams = place((data, eval_data, train_key, hparams))
 
   def run_block(state, rounds, active, do_eval):

@@ -1,8 +1,8 @@
 """fedjax_sim: federated learning simulated one whole cohort at a time, in one compiled program."""
 
 from fedjax_sim import (aggregators, algorithms, attacks, checkpoint, client, data, datasets,
-                        describe, engine, metrics, models, partition, personal, privacy,
-                        reference, simulation, sweep, systems)
+                        describe, distributed, engine, metrics, models, partition, personal,
+                        privacy, reference, simulation, sweep, systems)
 from fedjax_sim.algorithms import Algorithm
 from fedjax_sim.data import DataError, FederatedData
 from fedjax_sim.models import Model
@@ -24,6 +24,6 @@ def __getattr__(name):
 
 __all__ = ["Algorithm", "DataError", "FederatedData", "Heterogeneity", "Model", "ServerState",
            "SimulationResult", "TrainingDiverged", "aggregators", "algorithms", "attacks",
-           "checkpoint", "cli", "client", "data", "datasets", "describe", "engine", "grid",
-           "metrics", "models", "partition", "personal", "privacy", "reference", "simulate",
-           "simulate_sweep", "simulation", "sweep", "systems"]
+           "checkpoint", "cli", "client", "data", "datasets", "describe", "distributed", "engine",
+           "grid", "metrics", "models", "partition", "personal", "privacy", "reference",
+           "simulate", "simulate_sweep", "simulation", "sweep", "systems"]

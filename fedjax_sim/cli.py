@@ -18,6 +18,7 @@ import re
 import sys
 import time
 import tomllib
+from typing import NamedTuple
 
 # key -> (default, help). The value's type is checked by the factory it feeds.
 CONFIG_KEYS = {
@@ -762,7 +763,140 @@ def _load_checkpoint(run_dir: str):
 _KILL_AFTER_ROUND = "FEDJAX_SIM_TEST_KILL_AFTER_ROUND"
 
 
+# Set in the child process that ``fedjax-sim run --coordinator ...`` trains in (see _supervise).
+_CHILD = "FEDJAX_SIM_DISTRIBUTED_CHILD"
+_STACK_FRAME = re.compile(r"^(\s+@\s+0x[0-9a-f]+\s|\*\*\* Check failure stack trace)")
+# Exit status of a process whose multi-process run failed (coordinator unreachable, peer lost).
+EXIT_DISTRIBUTED = 4
+
+
+class _Processes(NamedTuple):
+  coordinator: str
+  num_processes: int
+  process_id: int
+  connect_timeout: float
+  peer_timeout: float
+
+
+def _distributed_arguments(args) -> _Processes | None:
+  """The checked ``--coordinator``, ``--num-processes``, ``--process-id`` and timeouts, or None
+  for a single-process run; raises ConfigError."""
+  given = {"--coordinator": getattr(args, "coordinator", None),
+           "--num-processes": getattr(args, "num_processes", None),
+           "--process-id": getattr(args, "process_id", None)}
+  if all(v is None for v in given.values()):
+    for flag in ("connect_timeout", "peer_timeout"):
+      if getattr(args, flag, None) is not None:
+        raise ConfigError(f"--{flag.replace('_', '-')} is for a multi-process run; give "
+                          "--coordinator, --num-processes and --process-id too")
+    return None
+  missing = [k for k, v in given.items() if v is None]
+  if missing:
+    raise ConfigError(f"a multi-process run needs --coordinator HOST:PORT, --num-processes N and "
+                      f"--process-id I; missing {', '.join(missing)}")
+  from fedjax_sim import distributed
+  processes = _Processes(args.coordinator, args.num_processes, args.process_id,
+                         distributed.DEFAULT_TIMEOUT if args.connect_timeout is None
+                         else args.connect_timeout,
+                         distributed.DEFAULT_PEER_TIMEOUT if args.peer_timeout is None
+                         else args.peer_timeout)
+  try:
+    distributed.check_arguments(processes.coordinator, processes.num_processes,
+                                processes.process_id, timeout=processes.connect_timeout,
+                                peer_timeout=processes.peer_timeout)
+  except ValueError as e:
+    flags = {"coordinator": "--coordinator", "num_processes": "--num-processes",
+             "process_id": "--process-id", "peer_timeout": "--peer-timeout",
+             "timeout": "--connect-timeout"}
+    message = str(e)
+    for name, flag in flags.items():
+      if message.startswith(name + " "):
+        message = flag + message[len(name):]
+        break
+    raise ConfigError(message) from None
+  return processes
+
+
+def _supervise(args, processes: _Processes) -> int:
+  """Runs this ``fedjax-sim run`` in a child process and waits for it.
+
+  JAX terminates a process of a multi-process run (``SIGABRT``, a C++ message and stack trace)
+  when another process dies or the coordinator goes away; it has no Python hook for this. The
+  child's output is passed through; when JAX terminated it, this prints the named error
+  (:func:`fedjax_sim.distributed.explain_failure`) and exits with status 4.
+  """
+  import pathlib
+  import subprocess
+  import threading
+  from fedjax_sim import distributed
+  env = dict(os.environ, **{_CHILD: "1"})
+  package_root = str(pathlib.Path(__file__).resolve().parent.parent)
+  env["PYTHONPATH"] = os.pathsep.join(
+      [package_root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+  env.setdefault("PYTHONUNBUFFERED", "1")
+  child = subprocess.Popen([sys.executable, "-m", "fedjax_sim.cli", *args.argv],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+  tail = []
+
+  def forward(source, sink, keep):
+    for raw in iter(source.readline, b""):
+      line = raw.decode("utf-8", errors="replace")
+      if keep:
+        tail.append(line)
+        if len(tail) > 200:
+          del tail[:-200]
+        if _STACK_FRAME.match(line):  # the C++ stack trace of JAX's abort: noise to a user
+          continue
+      sink.write(line)
+      sink.flush()
+
+  threads = [threading.Thread(target=forward, args=(child.stdout, sys.stdout, False), daemon=True),
+             threading.Thread(target=forward, args=(child.stderr, sys.stderr, True), daemon=True)]
+  for t in threads:
+    t.start()
+  while True:
+    try:
+      code = child.wait()
+      break
+    except KeyboardInterrupt:  # the child (same process group) got it too and stops cleanly
+      continue
+  for t in threads:
+    t.join()
+  error = distributed.explain_failure("".join(tail), processes.coordinator, processes.process_id,
+                                      processes.num_processes,
+                                      timeout=processes.connect_timeout,
+                                      peer_timeout=processes.peer_timeout)
+  if error is not None:
+    print(f"fedjax-sim: error: {type(error).__name__}: {error}", file=sys.stderr)
+    return EXIT_DISTRIBUTED
+  if code < 0:
+    import signal
+    print(f"fedjax-sim: error: process {processes.process_id}'s training was killed by "
+          f"{signal.Signals(-code).name}; the other processes stop within --peer-timeout "
+          f"({processes.peer_timeout:g} s)", file=sys.stderr)
+    return EXIT_DISTRIBUTED
+  return code
+
+
+def _watch_parent() -> None:
+  """In the child of :func:`_supervise`: exit at once if the supervising process dies (killed),
+  so that the other processes see this one die too instead of waiting on it."""
+  import threading
+  parent = os.getppid()
+
+  def watch():
+    while True:
+      time.sleep(0.5)
+      if os.getppid() != parent:
+        os._exit(EXIT_DISTRIBUTED)
+
+  threading.Thread(target=watch, daemon=True, name="fedjax-sim-parent-watch").start()
+
+
 def run(args) -> int:
+  processes = _distributed_arguments(args)
+  if processes is not None and os.environ.get(_CHILD) != "1":
+    return _supervise(args, processes)
   resume_dir = getattr(args, "resume", None)
   if resume_dir is not None:
     if args.out is not None and os.path.abspath(args.out) != os.path.abspath(resume_dir):
@@ -770,6 +904,28 @@ def run(args) -> int:
     config = _resume_config(resume_dir, args.config, args.set or [])
   else:
     config = resolve_config(args.config, args.set or [])
+  main_process = True
+  if processes is not None:  # before anything runs on a JAX device
+    from fedjax_sim import distributed
+    _watch_parent()
+    distributed.initialize(processes.coordinator, processes.num_processes, processes.process_id,
+                           timeout=processes.connect_timeout, peer_timeout=processes.peer_timeout)
+    main_process = distributed.is_main()
+  if not main_process:  # the same program, silently, its files in a scratch directory
+    import tempfile
+    scratch = tempfile.mkdtemp(prefix=f"fedjax_sim_process{processes.process_id}_")
+    try:
+      return _run(args, config, resume_dir, scratch, main_process=False)
+    finally:
+      import shutil
+      shutil.rmtree(scratch, ignore_errors=True)
+  return _run(args, config, resume_dir, args.out, main_process=True)
+
+
+def _run(args, config: dict, resume_dir: str | None, out: str | None, main_process: bool) -> int:
+  """``fedjax-sim run`` once the config is resolved. A process other than the main one of a
+  multi-process run writes everything into ``out`` (a scratch directory) and prints nothing."""
+  quiet = args.quiet or not main_process
   algo, model, train, test = build_experiment(config)
   from fedjax_sim.simulation import (SimulationInterrupted, TrainingDiverged, check_arguments,
                                      check_attack, check_finetune, simulate)
@@ -800,28 +956,30 @@ def run(args) -> int:
   use_compilation_cache(config["compilation_cache"])
   checkpoint, rows = None, []
   if resume_dir is not None:
-    out = resume_dir
-    checkpoint = _load_checkpoint(out)
+    checkpoint = _load_checkpoint(resume_dir)
     if checkpoint.round > config["rounds"]:
-      raise ConfigError(f"--resume {out!r}: its checkpoint is of round {checkpoint.round}, past "
-                        f"rounds={config['rounds']}")
+      raise ConfigError(f"--resume {resume_dir!r}: its checkpoint is of round {checkpoint.round}, "
+                        f"past rounds={config['rounds']}")
     rows = _rows(checkpoint.history)
-  else:
-    out = _out_dir(config, args.out)
+    if main_process:
+      out = resume_dir
+  elif main_process:
+    out = _out_dir(config, out)
   _write_atomic(os.path.join(out, "config.json"), json.dumps(config, indent=2))
   checkpoint_dir = os.path.join(out, "checkpoints") if checkpoint_every is not None else None
   first = 1 if checkpoint is None else checkpoint.round + 1
   every = None if checkpoint_every is None else -(-checkpoint_every // block_len) * block_len
-  print(f"{algo.name} on {config['dataset']}: {train.num_clients} clients "
-        f"({train.total_examples} examples), model {model.name}; "
-        + (f"resuming {out} after round {checkpoint.round}" if checkpoint else f"writing {out}")
-        + ("" if every is None else f"; checkpoint every {every} rounds"
-           + (f" (checkpoint_every={checkpoint_every} rounded up to whole blocks of "
-              f"{block_len})" if every != checkpoint_every else "")),
-        file=sys.stderr)
+  if main_process:
+    print(f"{algo.name} on {config['dataset']}: {train.num_clients} clients "
+          f"({train.total_examples} examples), model {model.name}; "
+          + (f"resuming {out} after round {checkpoint.round}" if checkpoint else f"writing {out}")
+          + ("" if every is None else f"; checkpoint every {every} rounds"
+             + (f" (checkpoint_every={checkpoint_every} rounded up to whole blocks of "
+                f"{block_len})" if every != checkpoint_every else "")),
+          file=sys.stderr)
   log = RunLog(out, rows, tensorboard=config["tensorboard"],
                resumed_round=None if checkpoint is None else checkpoint.round)
-  progress = Progress(config["rounds"], initial=first - 1) if not args.quiet else None
+  progress = Progress(config["rounds"], initial=first - 1) if not quiet else None
   kill_after = os.environ.get(_KILL_AFTER_ROUND)
 
   def on_rows(new_rows):
@@ -883,7 +1041,8 @@ def run(args) -> int:
     print(f"fedjax-sim: interrupted after round {summary['interrupted_after_round']}; metrics, "
           f"summary.json and curves.png kept in {out}{how_to}", file=sys.stderr)
     return 130
-  _print_summary(history, info, out)
+  if main_process:
+    _print_summary(history, info, out)
   return 0
 
 
@@ -1092,6 +1251,19 @@ def _parser() -> argparse.ArgumentParser:
                      help="continue the run in DIR from its newest checkpoint (its config, with "
                           "only rounds, checkpoint_*, compilation_cache or tensorboard changed "
                           "by --set/--config)")
+  dist = run_p.add_argument_group(
+      "several processes (jax.distributed; start one per process, same flags but --process-id)")
+  dist.add_argument("--coordinator", metavar="HOST:PORT",
+                    help="address of process 0, reachable from every process")
+  dist.add_argument("--num-processes", type=int, metavar="N", help="how many processes take part")
+  dist.add_argument("--process-id", type=int, metavar="I",
+                    help="this process's index, 0..N-1; only process 0 writes the run directory")
+  dist.add_argument("--connect-timeout", type=float, metavar="SECONDS",
+                    help="how long to wait for the coordinator and all processes to connect "
+                         "(default 120)")
+  dist.add_argument("--peer-timeout", type=float, metavar="SECONDS",
+                    help="a process silent this long is declared dead, and the others exit "
+                         "with an error (default 30; at once when process 0 dies)")
   run_p.set_defaults(func=run)
   compare_p = sub.add_parser(
       "compare", help="overlay runs' curves and print their final metrics",
@@ -1136,6 +1308,25 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
   args = _parser().parse_args(argv)
+  args.argv = list(sys.argv[1:] if argv is None else argv)
+  if os.environ.get(_CHILD) != "1":
+    return _main(args)
+  # The training process of a multi-process run: a failure exits at once, without JAX's shutdown
+  # barrier (which would wait for the other processes), so that they see it and stop too.
+  try:
+    code = _main(args)
+  except BaseException:
+    import traceback
+    traceback.print_exc()
+    code = 1
+  if code != 0:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+  return code
+
+
+def _main(args) -> int:
   try:
     return args.func(args)
   except ConfigError as e:
@@ -1143,9 +1334,13 @@ def main(argv: list[str] | None = None) -> int:
     return 2
   except Exception as e:  # a data error from user files is still a user error
     from fedjax_sim.data import DataError
+    from fedjax_sim.distributed import DistributedError
     if isinstance(e, DataError):
       print(f"fedjax-sim: error: {e}", file=sys.stderr)
       return 2
+    if isinstance(e, DistributedError):
+      print(f"fedjax-sim: error: {type(e).__name__}: {e}", file=sys.stderr)
+      return EXIT_DISTRIBUTED
     raise
 
 

@@ -320,7 +320,7 @@ def epsilon_of(aggregator, sampling, cohort_size: int, num_clients: int):
 def memory_budget() -> int | None:
   """Bytes the default device can hold: its allocator's limit where the backend reports one
   (GPU, TPU), else the machine's physical memory (CPU); ``None`` when neither is known."""
-  stats = jax.devices()[0].memory_stats() or {}
+  stats = jax.local_devices()[0].memory_stats() or {}
   if "bytes_limit" in stats:
     return int(stats["bytes_limit"])
   try:

@@ -765,7 +765,8 @@ _KILL_AFTER_ROUND = "FEDJAX_SIM_TEST_KILL_AFTER_ROUND"
 
 # Set in the child process that ``fedjax-sim run --coordinator ...`` trains in (see _supervise).
 _CHILD = "FEDJAX_SIM_DISTRIBUTED_CHILD"
-_STACK_FRAME = re.compile(r"^(\s+@\s+0x[0-9a-f]+\s|\*\*\* Check failure stack trace)")
+_NOISE = re.compile(r"^(\s+@\s+0x[0-9a-f]+\s|\*\*\* Check failure stack trace|\[Gloo\] Rank \d+ "
+                    r"is connected to)")
 # Exit status of a process whose multi-process run failed (coordinator unreachable, peer lost).
 EXIT_DISTRIBUTED = 4
 
@@ -845,8 +846,8 @@ def _supervise(args, processes: _Processes) -> int:
         tail.append(line)
         if len(tail) > 200:
           del tail[:-200]
-        if _STACK_FRAME.match(line):  # the C++ stack trace of JAX's abort: noise to a user
-          continue
+      if _NOISE.match(line):  # the C++ stack trace of JAX's abort, gloo's connection notes
+        continue
       sink.write(line)
       sink.flush()
 
@@ -1315,10 +1316,18 @@ def main(argv: list[str] | None = None) -> int:
   # barrier (which would wait for the other processes), so that they see it and stop too.
   try:
     code = _main(args)
-  except BaseException:
-    import traceback
-    traceback.print_exc()
-    code = 1
+  except BaseException as e:
+    from fedjax_sim import distributed
+    processes = _distributed_arguments(args)
+    error = None if processes is None else distributed.explain_exception(
+        e, processes.coordinator, processes.process_id, processes.num_processes)
+    if error is not None:
+      print(f"fedjax-sim: error: {type(error).__name__}: {error}", file=sys.stderr)
+      code = EXIT_DISTRIBUTED
+    else:
+      import traceback
+      traceback.print_exc()
+      code = 1
   if code != 0:
     sys.stdout.flush()
     sys.stderr.flush()

@@ -303,3 +303,20 @@ def explain_failure(log: str, coordinator: str, process_id: int, num_processes: 
   first = status.split("absl::Status:", 1)[-1].strip().splitlines()
   return PeerLost(f"JAX's distributed service stopped this process ({where}, coordinator "
                   f"{coordinator}): {first[0] if first else 'no reason given'}")
+
+
+def explain_exception(error: BaseException, coordinator: str, process_id: int,
+                      num_processes: int) -> PeerLost | None:
+  """The named error behind an exception raised by a collective across processes, or ``None``.
+
+  When a process dies in the middle of a cross-process collective, the others' collective usually
+  fails at once (on CPU: ``Gloo ... failed: ... Connection reset by peer``) instead of waiting for
+  the heartbeat timeout; this names that failure.
+  """
+  text = str(error)
+  if not re.search(r"\bGloo\b|collective|Connection (reset|closed)|Broken pipe", text):
+    return None
+  first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
+  return PeerLost(f"a collective across processes failed, most likely because another process "
+                  f"died (this is process {process_id} of {num_processes}, coordinator "
+                  f"{coordinator}): {first}")

@@ -85,7 +85,8 @@ def _needs(argv: list[str]) -> list[str]:
   return [argv[argv.index("--resume") + 1]] if "--resume" in argv else []
 
 
-COMMANDS = readme_commands(README.read_text())
+# The processes of a multi-process run must start together: tests/test_distributed.py runs them.
+COMMANDS = [c for c in readme_commands(README.read_text()) if "--coordinator" not in c]
 _MADE: dict[str, pathlib.Path] = {}  # run directories the README's commands wrote, for reuse
 
 

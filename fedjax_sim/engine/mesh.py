@@ -70,6 +70,10 @@ def replicate(tree, mesh: Mesh | None):
         and a.sharding.mesh == mesh):  # already placed (replicated, or a sweep's state by run)
       return a
     if mesh.is_multi_process:  # each process passes the same host value
+      if isinstance(a, jax.Array) and jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
+        # a typed key has no host value: place its key data, then wrap it again
+        return jax.random.wrap_key_data(put(jax.random.key_data(a)),
+                                        impl=jax.random.key_impl(a))
       host = np.asarray(a)
       return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
     return jax.device_put(a, sharding)

@@ -835,8 +835,10 @@ def _supervise(args, processes: _Processes) -> int:
   env["PYTHONPATH"] = os.pathsep.join(
       [package_root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
   env.setdefault("PYTHONUNBUFFERED", "1")
+  # its own session: a Ctrl-C reaches it once, forwarded below, not also from the terminal
   child = subprocess.Popen([sys.executable, "-m", "fedjax_sim.cli", *args.argv],
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                           start_new_session=True)
   tail = []
 
   def forward(source, sink, keep):
@@ -859,8 +861,9 @@ def _supervise(args, processes: _Processes) -> int:
     try:
       code = child.wait()
       break
-    except KeyboardInterrupt:  # the child (same process group) got it too and stops cleanly
-      continue
+    except KeyboardInterrupt:  # the child stops after its current block, keeping what it wrote
+      import signal
+      child.send_signal(signal.SIGINT)
   for t in threads:
     t.join()
   error = distributed.explain_failure("".join(tail), processes.coordinator, processes.process_id,

@@ -995,6 +995,8 @@ def _run(args, config: dict, resume_dir: str | None, out: str | None, main_proce
       os.kill(os.getpid(), signal.SIGKILL)
 
   summary = {"status": "completed", "config": config}
+  if jax.process_count() > 1:
+    summary["processes"] = jax.process_count()
   history, info = None, {}
   client_log = (ClientMetricsLog(os.path.join(out, "clients.jsonl"), {"train": train, "test": test},
                                  keep_until=None if checkpoint is None else checkpoint.round)

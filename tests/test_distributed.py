@@ -136,10 +136,10 @@ def test_readme_processes_equal_one_process_with_four_devices(tmp_path, monkeypa
   for key in one_run:
     if key != "elapsed":
       np.testing.assert_allclose(two_runs[key], one_run[key], rtol=1e-4, atol=1e-6, err_msg=key)
-  for run in (out, tmp_path / "one_process"):
+  for run, processes in ((out, 2), (tmp_path / "one_process", None)):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["engine"]["devices"] == 4
-    assert (run / "curves.png").exists()
+    assert summary.get("processes") == processes and (run / "curves.png").exists()
 
 
 def test_a_killed_process_and_a_silent_coordinator_give_named_errors(tmp_path, monkeypatch,

@@ -173,8 +173,9 @@ def _check_port_free(address: Address) -> None:
         sock.bind((host, address.port))
         return
       except OSError as e:
-        raise DistributedError(f"process 0 cannot listen on port {address.port} of the coordinator "
-                               f"address {address}: {e.strerror or e}; choose a free port") from None
+        raise DistributedError(f"process 0 cannot listen on port {address.port} of the "
+                               f"coordinator address {address}: {e.strerror or e}; choose a free "
+                               "port") from None
   raise DistributedError("process 0 cannot open a socket to listen on")
 
 
@@ -281,7 +282,8 @@ def explain_failure(log: str, coordinator: str, process_id: int, num_processes: 
     return None
   status = log[at:]
   where = f"this is process {process_id} of {num_processes}"
-  dead = re.search(r"tasks are unhealthy \(stopped sending heartbeats\):\s*([\d,\s]+?)\s*\n", status)
+  dead = re.search(r"tasks are unhealthy \(stopped sending heartbeats\):\s*([\d,\s]+?)\s*\n",
+                   status)
   ids = ", ".join(dead.group(1).replace(",", " ").split()) if dead else ", ".join(
       dict.fromkeys(re.findall(r"Task (\d+) heartbeat timeout", status)))
   if ids:

@@ -38,8 +38,8 @@ def _free_port() -> int:
 
 
 def _env(devices: int, **extra) -> dict:
-  path = os.pathsep.join([str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
-                                        if p])
+  inherited = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+  path = os.pathsep.join([str(ROOT)] + inherited)
   return dict(os.environ, PYTHONPATH=path, JAX_PLATFORMS="cpu",
               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **extra)
 

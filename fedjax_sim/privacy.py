@@ -30,9 +30,6 @@ import logging
 import math
 from typing import NamedTuple
 
-import dp_accounting
-from dp_accounting import pld, rdp
-
 from fedjax_sim._checks import non_negative_float, positive_float, positive_int
 
 ACCOUNTANTS = ("rdp", "pld")
@@ -71,11 +68,12 @@ def _check(sampling_rate, steps, delta, accountant, sampling, num_clients):
 
 
 def dp_event(noise_multiplier: float, sampling_rate: float, steps: int, *,
-             sampling: str = "poisson", num_clients: int | None = None) -> dp_accounting.DpEvent:
-  """The dp-accounting event of ``steps`` DP rounds (see the module docstring).
+             sampling: str = "poisson", num_clients: int | None = None):
+  """The ``dp_accounting.DpEvent`` of ``steps`` DP rounds (see the module docstring).
 
   For ``sampling="fixed"`` the cohort is ``round(sampling_rate · num_clients)`` clients.
   """
+  import dp_accounting  # on first use: importing it takes about 1 s (half of fedjax_sim's import)
   z = non_negative_float("noise_multiplier", noise_multiplier)
   if sampling == "fixed":
     cohort = max(1, round(sampling_rate * num_clients))
@@ -100,6 +98,8 @@ def _quiet():
 
 
 def _accountant(name: str, sampling: str):
+  import dp_accounting
+  from dp_accounting import pld, rdp
   if name == "pld":
     return pld.PLDAccountant()
   relation = (dp_accounting.NeighboringRelation.REPLACE_ONE if sampling == "fixed"
@@ -139,6 +139,7 @@ def noise_multiplier_for(epsilon: float, delta: float, sampling_rate: float, ste
   Raises:
     ValueError: a bad argument, or an ε that no noise multiplier up to 10⁴ reaches.
   """
+  import dp_accounting
   target = positive_float("epsilon", epsilon)
   _check(sampling_rate, steps, delta, accountant, sampling, num_clients)
   make_event = lambda z: dp_event(z, sampling_rate, steps, sampling=sampling,

@@ -28,14 +28,20 @@ def _run(setup, **kw):
   return fs.simulate(algo, model, fd, **args)
 
 
+@pytest.fixture(scope="module")
+def base(setup):
+  """The reference run: five rounds over three size buckets, plan ``vmap``, one block. Shared by
+  the tests below that compare with it (each would otherwise compile and run it again)."""
+  return _run(setup, plan="vmap")
+
+
 def _assert_same(a, b, tol=1e-5):
   for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=tol, atol=tol)
   np.testing.assert_allclose(a.history["train_loss"], b.history["train_loss"], rtol=tol)
 
 
-def test_plans_agree(setup):
-  base = _run(setup, plan="vmap")
+def test_plans_agree(setup, base):
   assert base.info["num_buckets"] > 1
   for plan, chunk in [("chunked", 2), ("scan", None), ("host_loop", 3)]:
     # One bucket, which compiles once (the goldens cover chunked plans over three buckets).
@@ -132,36 +138,38 @@ def test_host_loop_and_compiled_plans_agree(case):
     assert int(loop.state.extra["steps"]) == 4 and not np.allclose(models[0], models[1])
 
 
-def test_bucketing_and_block_size_do_not_change_results(setup):
-  base = _run(setup)
-  one = _run(setup, bucketing=False)
+def test_bucketing_and_block_size_do_not_change_results_nor_recompile(setup, base):
+  """Buckets and blocks of 1 and 2 rounds give the reference run's numbers; blocks of 2 over five
+  rounds (the last one partial) over three buckets compile once: every block after the first took
+  the previous one's output state, so it kept its tree, shapes and dtypes."""
+  one = _run(setup, plan="vmap", bucketing=False)
   _assert_same(base, one)
   fd, _, algo = setup  # "auto" merges the three groups for five rounds: one bucket, as False
   assert base.info["num_buckets"] == 3
   assert len(fs.engine.make_buckets(fd.num_examples, algo, 6, None, "auto", rounds=5)[0]) == 1
-  _assert_same(one, _run(setup, rounds_per_block=1, bucketing=False))
-  _assert_same(one, _run(setup, rounds_per_block=3, bucketing=False))  # last block is partial
+  # passed in explicitly (the seed's own initial model): the caller's arrays survive the donation
+  # of the server state to the compiled block
+  init = fs.simulation.initial_params(setup[1], 3)
+  _assert_same(one, _run(setup, rounds_per_block=1, bucketing=False, init_params=init))
+  assert all(np.all(np.isfinite(np.asarray(a))) for a in jax.tree.leaves(init))  # still readable
+  blocks = _run(setup, plan="vmap", rounds_per_block=2)  # last block is partial
+  _assert_same(base, blocks)
+  assert blocks.info["num_buckets"] == 3 and blocks.info["compilations"] == 1
 
 
-def test_same_seed_same_numbers_other_seed_other_numbers(setup):
-  a, b = _run(setup), _run(setup)
+def test_same_seed_same_numbers_other_seed_other_numbers(setup, base):
+  a, b = base, _run(setup, plan="vmap")
   for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   assert a.history == {k: v for k, v in b.history.items() if k != "elapsed"} | {
       "elapsed": a.history["elapsed"]}
-  c = _run(setup, seed=4)
+  c = _run(setup, plan="vmap", seed=4)
   assert not np.allclose(c.history["train_loss"], a.history["train_loss"])
 
 
-def test_no_recompilation_after_first_block(setup):
-  res = _run(setup, rounds=7, rounds_per_block=2)  # four blocks, the last one partial
-  assert res.info["compilations"] == 1
-
-
-def test_eval_schedule(setup):
-  res = _run(setup, rounds=5, eval_every=2)
-  assert res.history["round"] == [2, 4, 5]
-  assert set(res.history) >= {"round", "train_loss", "train_accuracy", "elapsed"}
+def test_eval_schedule(base):
+  assert base.history["round"] == [2, 4, 5]  # every second round and the last one
+  assert set(base.history) >= {"round", "train_loss", "train_accuracy", "elapsed"}
 
 
 def test_sparse_buckets_match_one_dense_bucket():
@@ -179,13 +187,6 @@ def test_sparse_buckets_match_one_dense_bucket():
   dense = fs.simulate(algo, model, fd, rounds=3, clients_per_round=4, seed=2, bucketing=False)
   assert sparse.info["num_buckets"] == 3
   _assert_same(sparse, dense)
-
-
-def test_init_params_survive_donation(setup):
-  fd, model, algo = setup
-  init = model.init(jax.random.key(7))
-  fs.simulate(algo, model, fd, rounds=2, init_params=init)
-  assert all(np.all(np.isfinite(np.asarray(a))) for a in jax.tree.leaves(init))  # still readable
 
 
 def test_streamed_population_gives_the_device_path_numbers(setup):

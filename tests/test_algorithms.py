@@ -38,6 +38,20 @@ def classification():
   return fs.FederatedData.from_arrays(xs, ys), fs.models.softmax_regression(5, 3)
 
 
+FEDAVG_E2 = dict(client_lr=0.1, local_epochs=2, batch_size=4)  # the shared runs' local training
+E2_ARGS = dict(rounds=3, clients_per_round=4, seed=1)
+
+
+@pytest.fixture(scope="module")
+def fedavg_e2(classification):
+  """FedAvg, E = 2 epochs of B = 4, 3 rounds of 4 of the 6 clients: the baseline that FedProx
+  (μ = 0), MOON (μ = 0) and FedNova are compared with (one compilation for all of them; the runs
+  compared with it use the same configuration, so each of their programs is also compiled once
+  and shared with the NumPy-reference tests of the same algorithm)."""
+  fd, model = classification
+  return fs.simulate(alg.fedavg(**FEDAVG_E2), model, fd, **E2_ARGS)
+
+
 def _quadratic_clients(num_clients=3, dim=2, n=8, seed=0):
   """Linear-regression clients whose losses are heterogeneous quadratics ½(x−x_i*)ᵀA_i(x−x_i*) + c."""
   rng = np.random.default_rng(seed)
@@ -53,11 +67,9 @@ def _quadratic_clients(num_clients=3, dim=2, n=8, seed=0):
 
 # I5 ---------------------------------------------------------------------------------------------
 
-def test_fedprox_mu_zero_is_fedavg_bit_for_bit(classification):
+def test_fedprox_mu_zero_is_fedavg_bit_for_bit(classification, fedavg_e2):
   fd, model = classification
-  args = dict(rounds=3, clients_per_round=4, seed=1)
-  kw = dict(client_lr=0.1, local_epochs=2, batch_size=4)
-  a = fs.simulate(alg.fedavg(**kw), model, fd, **args)
+  args, kw, a = E2_ARGS, FEDAVG_E2, fedavg_e2
   b = fs.simulate(alg.fedprox(mu=0.0, **kw), model, fd, **args)
   _equal(a.params, b.params)
   assert a.history["train_loss"] == b.history["train_loss"]
@@ -99,14 +111,19 @@ def test_scaffold_first_round_is_uniform_fedavg(classification):
 @pytest.mark.parametrize("option", ["I", "II"])
 def test_scaffold_server_control_is_mean_of_client_controls(classification, option):
   fd, model = classification
-  algo = alg.scaffold(client_lr=0.1, local_epochs=2, batch_size=4, option=option)
-  for rounds in (1, 3):
-    res = fs.simulate(algo, model, fd, rounds=rounds, clients_per_round=3, seed=5)
+  for rounds, server_lr in ((1, 1.0), (3, 0.7)):  # the server step moves x, not c
+    # 4 clients per round: the programs of the runs below (first round, option I's control,
+    # the NumPy replays) with another seed, which is data
+    algo = alg.scaffold(client_lr=0.1, server_lr=server_lr, local_epochs=2, batch_size=4,
+                        option=option)
+    res = fs.simulate(algo, model, fd, rounds=rounds, clients_per_round=4, seed=5)
     c, c_i = res.state.extra, res.state.client_states
     assert jax.tree.leaves(c_i)[0].shape[0] == fd.num_clients
     _close(c, jax.tree.map(lambda a: a.mean(0), c_i), 1e-6)
     touched = np.any(np.abs(_leaves(c_i)[0].reshape(fd.num_clients, -1)) > 0, axis=1)
-    assert 3 <= touched.sum() <= min(fd.num_clients, 3 * rounds)  # only sampled clients change
+    assert 4 <= touched.sum() <= min(fd.num_clients, 4 * rounds)  # only sampled clients change
+    if rounds == 1:
+      assert touched.sum() == 4
 
 
 def test_heterogeneous_quadratics_fedavg_is_biased_scaffold_is_not():
@@ -341,11 +358,10 @@ def test_fednova_aggregation_norms():
                              1 + 0.8 + 0.64, rtol=1e-6)
 
 
-def test_fednova_differs_from_fedavg_with_unequal_steps(classification):
+def test_fednova_differs_from_fedavg_with_unequal_steps(classification, fedavg_e2):
   fd, model = classification
-  kw = dict(local_epochs=2, batch_size=4)
-  a = fs.simulate(alg.fedavg(client_lr=0.1, **kw), model, fd, rounds=2)
-  b = fs.simulate(alg.fednova(client_lr=0.1, **kw), model, fd, rounds=2)
+  a = fedavg_e2  # FedNova's program is the NumPy test's (seed and initial model are data)
+  b = fs.simulate(alg.fednova(**FEDAVG_E2), model, fd, **E2_ARGS)
   assert not np.allclose(_leaves(a.params)[0], _leaves(b.params)[0], atol=1e-4)
 
 
@@ -499,7 +515,7 @@ def test_drift_is_zero_for_identical_clients_and_positive_otherwise(classificati
   flat = fs.simulate(algo, model, same, rounds=2)
   assert max(flat.history["drift"]) < 1e-12
   np.testing.assert_allclose(flat.history["update_norm_mean"], flat.history["update_norm_max"], rtol=1e-6)
-  varied = fs.simulate(algo, model, fd, rounds=2)
+  varied = fs.simulate(algo, model, fd, rounds=1)  # the program of the formula test below
   assert min(varied.history["drift"]) > 0
   assert all(a <= b for a, b in zip(varied.history["update_norm_mean"], varied.history["update_norm_max"]))
 
@@ -596,11 +612,9 @@ def test_gradient_dissimilarity_matches_numpy():
 
 # MOON and the local-objective hook ----------------------------------------------------------------
 
-def test_moon_with_mu_zero_is_fedavg(classification):
+def test_moon_with_mu_zero_is_fedavg(classification, fedavg_e2):
   fd, model = classification
-  args = dict(rounds=2, clients_per_round=4, seed=1)
-  kw = dict(client_lr=0.1, local_epochs=2, batch_size=4)
-  plain = fs.simulate(alg.fedavg(**kw), model, fd, **args).params
+  args, kw, plain = E2_ARGS, FEDAVG_E2, fedavg_e2.params
   _close(plain, fs.simulate(alg.moon(mu=0.0, **kw), model, fd, **args).params, 1e-6)
   contrastive = fs.simulate(alg.moon(mu=1.0, **kw), model, fd, **args).params  # μ is data
   assert max(np.abs(a - b).max() for a, b in zip(_leaves(plain), _leaves(contrastive))) > 1e-4

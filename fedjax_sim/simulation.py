@@ -194,18 +194,35 @@ def auto_chunk_size(param_count: int, batch: int) -> int:
 
 def choose_plan(plan: str, chunk_size: int | None, model: Model, params, feature_shape,
                 batch: int, backend: str, x_dtype=jnp.float32,
-                compiled_block: bool = False) -> engine_lib.Plan:
-  """Resolves ``plan="auto"`` per backend and model size; validates explicit choices.
+                compiled_block: bool = False, memory: engine_lib.memory.WorkingMemory | None = None,
+                budget: int | None = None, cohort_size: int | None = None,
+                devices: int = 1) -> engine_lib.Plan:
+  """Resolves ``plan="auto"`` per backend, model size and memory budget; validates explicit
+  choices.
 
   ``compiled_block``: the caller needs every round inside one compiled block (sweeps, streamed
   populations, several devices), so ``auto`` never picks ``host_loop``.
+
+  With ``memory`` (the block's :class:`~fedjax_sim.engine.memory.WorkingMemory`), ``budget``
+  (each device's bytes, :func:`memory_budget`), ``cohort_size`` and ``devices`` (the chunk is
+  split over them), the chunk the planner picks fits the budget (:func:`~fedjax_sim.engine.memory.fit_chunk`): on an accelerator ``auto`` is
+  ``vmap`` when the whole cohort fits and ``chunked`` with the largest chunk that fits
+  otherwise; on the CPU the cache-sized chunk (:func:`auto_chunk_size`) is capped to fit. A
+  chunk size the caller gives, and explicit ``vmap`` and ``scan`` plans, are kept as given.
+
+  Raises:
+    ValueError: the planner picks a chunk and not even one client fits the budget (the message
+      names the estimate and the budget).
   """
   x_dtype = jax.dtypes.canonicalize_dtype(x_dtype)
   conv = contains_convolution(model.apply, params, jnp.zeros((1, *feature_shape), x_dtype))
   unroll = conv and backend == "cpu"
+  planned = chunk_size is None and memory is not None and bool(budget) and bool(cohort_size)
   if plan == "auto":
     if backend != "cpu":
-      plan = "vmap" if chunk_size is None else "chunked"
+      fits = (not planned
+              or memory.bytes(cohort_size, devices) <= engine_lib.memory.HEADROOM * budget)
+      plan = "vmap" if chunk_size is None and fits else "chunked"
     elif conv and not compiled_block:
       plan, chunk_size = "host_loop", chunk_size or 1
     else:
@@ -219,7 +236,30 @@ def choose_plan(plan: str, chunk_size: int | None, model: Model, params, feature
     chunk_size = auto_chunk_size(num_params(params), batch)
   elif plan == "host_loop":
     chunk_size = chunk_size or 1
+  if planned and plan in ("chunked", "host_loop"):
+    if backend != "cpu":  # the largest chunk that fits
+      chunk_size = engine_lib.memory.fit_chunk(memory, budget, cohort_size, devices)
+    elif (memory.bytes(min(chunk_size, cohort_size), devices)
+          > engine_lib.memory.HEADROOM * budget):
+      chunk_size = engine_lib.memory.fit_chunk(memory, budget, min(chunk_size, cohort_size),
+                                               devices)
   return engine_lib.Plan(plan, chunk_size, unroll)
+
+
+def plan_memory(model: Model, algorithm: Algorithm, params, train: FederatedData,
+                cohort_size: int, eval_sets, aggregator, attack=None, local=None,
+                streaming: bool = False, block_len: int = 1,
+                runs: int = 1) -> engine_lib.memory.WorkingMemory:
+  """:func:`fedjax_sim.engine.memory.working_memory` of :func:`simulate`'s arguments
+  (``eval_sets``: the evaluated :class:`FederatedData`; ``local``: the local-parameter mask)."""
+  eval_bytes = sum(d.x.nbytes + d.y.nbytes + 4 * d.total_examples for d in eval_sets)
+  local_bytes = 0 if local is None else sum(
+      a.size * a.dtype.itemsize for a, m in zip(jax.tree.leaves(params), local) if m)
+  collect = aggregator.reduction == "collect" or (attack is not None and attack.omniscient)
+  return engine_lib.memory.working_memory(
+      model, algorithm, params, train, cohort_size, eval_bytes=eval_bytes, aggregator=aggregator,
+      collect=collect, streaming=streaming, block_len=block_len, local_bytes=local_bytes,
+      runs=runs)
 
 
 def _cohort_size(num_clients: int, clients_per_round, client_fraction) -> int:
@@ -318,13 +358,14 @@ def epsilon_of(aggregator, sampling, cohort_size: int, num_clients: int):
 
 
 def memory_budget() -> int | None:
-  """Bytes the default device can hold: its allocator's limit where the backend reports one
-  (GPU, TPU), else the machine's physical memory (CPU); ``None`` when neither is known."""
+  """Bytes each device of the default backend can hold: its allocator's limit where the backend
+  reports one (``memory_stats()["bytes_limit"]``: GPU, TPU), else the machine's physical memory
+  shared by its local devices (CPU); ``None`` when neither is known."""
   stats = jax.local_devices()[0].memory_stats() or {}
   if "bytes_limit" in stats:
     return int(stats["bytes_limit"])
   try:
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // jax.local_device_count()
   except (ValueError, OSError, AttributeError):
     return None
 
@@ -530,11 +571,16 @@ def simulate(algorithm: Algorithm, model: Model, train: FederatedData, rounds: i
 
   backend = jax.default_backend()
   batch = algorithm.batch_size or int(train.num_examples.max())
-  chosen = choose_plan(plan, chunk_size, model, params, train.feature_shape, batch, backend,
-                       train.x.dtype, compiled_block=streaming or mesh is not None)
   eval_sets = {} if streaming else {"train": train}
   if test is not None:
     eval_sets["test"] = test
+  budget = memory_budget()
+  memory = plan_memory(model, algorithm, params, train, cohort_size, eval_sets.values(),
+                       aggregator, attack, local, streaming, block_len)
+  chosen = choose_plan(plan, chunk_size, model, params, train.feature_shape, batch, backend,
+                       train.x.dtype, compiled_block=streaming or mesh is not None, memory=memory,
+                       budget=budget, cohort_size=cohort_size,
+                       devices=engine_lib.mesh.size(mesh))
   if not isinstance(per_client_metrics, bool):
     raise ValueError(f"per_client_metrics must be True or False, got {per_client_metrics!r}")
   evaluate = evaluator(model, eval_sets, chosen.unroll, local=local,
@@ -564,6 +610,9 @@ def simulate(algorithm: Algorithm, model: Model, train: FederatedData, rounds: i
       "overflow_rounds": [], **({"privacy": dp} if dp else {}),
       "backend": backend, "devices": engine_lib.mesh.size(mesh), "cohort_size": cohort_size,
       "rounds_per_block": block_len, "num_buckets": len(engine.buckets), "collect_bytes": collect,
+      "memory_budget": budget,
+      "estimated_bytes": memory.bytes(max(b.chunk for b in engine.buckets),
+                                      engine_lib.mesh.size(mesh)),
       "bucket_max_examples": [b.shape.max_examples for b in engine.buckets],
       "padding_waste": engine_lib.padding_waste(train.num_examples, engine.groups, algorithm),
       "padding_waste_unbucketed": engine_lib.padding_waste(
@@ -628,12 +677,14 @@ def simulate(algorithm: Algorithm, model: Model, train: FederatedData, rounds: i
         callback(rows)
       if stopping and last < rounds:
         info.update(seconds=time.perf_counter() - start, block_seconds=block_seconds,
-                    compilations=compilations(engine), interrupted_after_round=last)
+                    compilations=compilations(engine), interrupted_after_round=last,
+                    **memory_info(engine))
         raise SimulationInterrupted(last, SimulationResult(state.params, history, info, state,
                                                            _client_arrays(clients)), saved)
   info["seconds"] = time.perf_counter() - start
   info["block_seconds"] = block_seconds  # the first includes compilation
   info["compilations"] = compilations(engine)
+  info.update(memory_info(engine))
   return SimulationResult(state.params, history, info, state, _client_arrays(clients))
 
 
@@ -832,5 +883,16 @@ def history_rows(metrics: dict, round_nums, active, do_eval, elapsed: float, col
 
 
 def compilations(engine) -> int | None:
-  cache_size = getattr(getattr(engine.run_block, "compiled", None), "_cache_size", None)
-  return cache_size() if cache_size else None
+  """Programs the compiled executor compiled for its block (``None`` for the host loop)."""
+  count = getattr(engine.run_block, "compilations", None)
+  return count() if count else None
+
+
+def memory_info(engine) -> dict:
+  """``peak_bytes`` and its parts, from XLA's memory analysis of the compiled block last run
+  (:class:`fedjax_sim.engine.executors.aot.MemoryUse`); empty for the host loop."""
+  memory = getattr(engine.run_block, "memory", None)
+  use = memory() if memory else None
+  if use is None:
+    return {}
+  return {"peak_bytes": use.peak_bytes, "memory": dict(use._asdict())}

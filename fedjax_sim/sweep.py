@@ -179,7 +179,7 @@ def simulate_sweep(algorithm: Algorithm, model: Model, trains, seeds: Sequence[i
           "num_buckets": len(engine.buckets), "collect_bytes": collect,
           "bucket_max_examples": [b.shape.max_examples for b in engine.buckets],
           "seconds": time.perf_counter() - start, "block_seconds": block_seconds,
-          "compilations": sim.compilations(engine)}
+          "compilations": sim.compilations(engine), **sim.memory_info(engine)}
   results = []
   for i in range(runs):
     run_state = jax.tree.map(lambda a: a[i], state)

@@ -49,6 +49,7 @@ def test_swept_hyperparameters_reproduce_separate_runs(population, factory, base
   swept = fs.simulate_sweep(factory(**LOCAL, **base), model, fd, seeds=[1, 1],
                             hparams=[{}, point], **ARGS)
   assert swept[0].info["compilations"] == 1
+  assert swept[0].info["peak_bytes"] > swept[0].info["memory"]["argument"] > 0  # XLA's analysis
   alone = fs.simulate(factory(**LOCAL, **{**base, **point}), model, fd, seed=1, **ARGS)
   for a, b in zip(_leaves(alone.params), _leaves(swept[1].params)):
     np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)

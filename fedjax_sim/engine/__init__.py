@@ -29,7 +29,7 @@ from fedjax_sim.engine.cohort import (RoundKeys, Sampling, poisson_capacity, rou
                                      sample_cohort)
 from fedjax_sim.engine.executors import compiled, host_loop
 from fedjax_sim.engine.population import CohortStream, DeviceData, device_data
-from fedjax_sim.engine import mesh as mesh_lib, personal_eval, round_step
+from fedjax_sim.engine import memory, mesh as mesh_lib, personal_eval, round_step
 from fedjax_sim.engine.round_step import ROUND_STATS, ServerState
 from fedjax_sim.engine.spec import PLANS, Plan, RoundSpec
 

@@ -37,6 +37,16 @@ Each (workload, implementation) runs in its own subprocess so its peak RSS is it
 from XLA's cost analysis of one training step; the peak is a 2048² float32 matmul timed in the same
 run. Usage: ``python benchmarks/engine.py [--quick] [--workloads W1,W2] [--out results.json]``;
 ``--from-json FILE [--readme]`` re-renders a saved run.
+
+``--accelerator`` measures what the engine is for instead (:func:`accelerator_main`): W1 at 100,000
+clients per round and the 2NN (W2's model) at 10,000, full participation, ``plan="auto"`` (the
+memory planner picks vmap or chunks), on every device; their achieved FLOP/s against the device's
+measured float32 matmul peak and bytes/s (XLA's bytes accessed of a step × steps) against its
+measured copy bandwidth; XLA's peak memory against the planner's estimate and the budget; and a
+device-count scaling table (W1 with ``devices=1, 2, 4, 8``, those that exist). ``--scale`` shrinks
+the client counts (a CPU run with forced devices:
+``XLA_FLAGS=--xla_force_host_platform_device_count=4 python benchmarks/engine.py --accelerator
+--scale 0.01``).
 """
 
 from __future__ import annotations
@@ -96,20 +106,26 @@ def _data(workload, num_clients, seed=0):
   return xs, ys
 
 
-def _step_flops(model, params, shape, batch):
+def _step_cost(model, params, shape, batch):
+  """XLA's cost analysis of one training step's gradient: ``(flops, bytes accessed)``."""
   import jax
   import jax.numpy as jnp
   x = jnp.zeros((batch, *shape), jnp.float32)
   y = jnp.zeros((batch,), jnp.int32)
   cost = jax.jit(jax.grad(model.loss)).lower(params, x, y).compile().cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
-  return float(cost.get("flops", 0.0))
+  return float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
 
 
-def run_case(workload, impl, num_clients, reps, plan, chunk_size, params_out=None):
+def _step_flops(model, params, shape, batch):
+  return _step_cost(model, params, shape, batch)[0]
+
+
+def run_case(workload, impl, num_clients, reps, plan, chunk_size, params_out=None, devices=1):
   """Times one implementation; returns seconds per steady-state round and more.
 
   ``params_out``: an engine case writes its final params there (``.npz``, leaves in tree order).
+  ``devices``: the engine's ``devices`` (default one device, whatever XLA's flags expose).
   """
   import jax
   import numpy as np
@@ -183,10 +199,12 @@ def run_case(workload, impl, num_clients, reps, plan, chunk_size, params_out=Non
                       bucketing=impl != "engine_unbucketed",
                       population="host" if impl == "engine_streamed" else "device",
                       aggregator=(AGGREGATORS[impl][0](fs.aggregators) if impl in AGGREGATORS
-                                  else None))
+                                  else None), devices=devices)
     # the first block compiles and the last one evaluates: the best of the others
     per_round = min(res.info["block_seconds"][1:-1]) / block
-    info.update({k: res.info[k] for k in ("plan", "chunk_size", "unroll", "padding_waste")})
+    info.update({k: res.info.get(k) for k in (
+        "plan", "chunk_size", "unroll", "padding_waste", "devices", "peak_bytes",
+        "estimated_bytes", "memory_budget")})
     info["compile_and_first_block_s"] = res.info["block_seconds"][0]
     info["rounds"] = (reps + 2) * block
     if params_out:
@@ -196,9 +214,11 @@ def run_case(workload, impl, num_clients, reps, plan, chunk_size, params_out=Non
     steps = num_clients * float(np.mean(-(-sizes // spec["batch"])))
   else:
     steps = num_clients * (spec["examples"] // spec["batch"])
-  flops = steps * _step_flops(model, params, shape, spec["batch"])
+  step_flops, step_bytes = _step_cost(model, params, shape, spec["batch"])
+  flops = steps * step_flops
   return dict(workload=workload, impl=impl, clients=num_clients, ms_per_round=per_round * 1e3,
               client_updates_per_s=num_clients / per_round, gflops=flops / per_round / 1e9,
+              gbytes_per_s=steps * step_bytes / per_round / 1e9,
               peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, **info)
 
 
@@ -226,8 +246,9 @@ def matmul_peak_gflops(n=2048, reps=10):
   return 2 * n ** 3 / best / 1e9
 
 
-def _subprocess_case(args_list, params_out=None, blas_threads=None):
+def _subprocess_case(args_list, params_out=None, blas_threads=None, devices=None):
   extra = ["--params-out", params_out] if params_out else []
+  extra += ["--devices", str(devices)] if devices else []
   env = dict(os.environ, PYTHONPATH=_ROOT)
   if blas_threads:
     env["OPENBLAS_NUM_THREADS"] = str(blas_threads)
@@ -406,10 +427,103 @@ def update_readme(result, path):
   open(path, "w").write(before + body + rest.split(end, 1)[1])
 
 
+def copy_bandwidth_gbps(megabytes=256, reps=10):
+  """Measured device memory bandwidth: the best of ``reps`` copies of a ``megabytes`` float32 array
+  (``2 × size`` bytes moved each: read and write), in GB/s."""
+  import jax
+  import jax.numpy as jnp
+  n = megabytes * 2 ** 20 // 4
+  a = jnp.arange(n, dtype=jnp.float32)
+  f = jax.jit(lambda a: a * 1.0000001)  # one read and one write of every element, not elided
+  f(a).block_until_ready()
+  best = float("inf")
+  for _ in range(reps):
+    t = time.perf_counter()
+    f(a).block_until_ready()
+    best = min(best, time.perf_counter() - t)
+  return 2 * n * 4 / best / 1e9
+
+
+ACCELERATOR = [("W1", 100_000), ("W2", 10_000)]  # (workload, clients per round) at --scale 1
+SCALING_DEVICES = (1, 2, 4, 8)
+
+
+def accelerator_table(result):
+  """The accelerator run's two tables (workloads; device scaling) as text."""
+  peak, bandwidth = result["matmul_peak_gflops"], result["copy_bandwidth_gbps"]
+  gib = lambda b: f"{b / 2 ** 30:.2f}" if b else "-"
+  head = (f"{'workload':<8} {'K':>7} {'plan':<14} {'dev':>3} {'ms/round':>9} {'updates/s':>10} "
+          f"{'GFLOP/s':>8} {'%peak':>6} {'GB/s':>7} {'%copy':>6} {'peak GiB':>8} "
+          f"{'est GiB':>8} {'budget GiB':>10}")
+  lines = [head, "-" * len(head)]
+  for r in result["rows"]:
+    plan = f"{r['plan']},{r['chunk_size']}"
+    lines.append(
+        f"{r['workload']:<8} {r['clients']:>7} {plan:<14} {r['devices']:>3} "
+        f"{r['ms_per_round']:>9.1f} {r['client_updates_per_s']:>10.0f} {r['gflops']:>8.2f} "
+        f"{100 * r['gflops'] / peak:>5.1f}% {r['gbytes_per_s']:>7.2f} "
+        f"{100 * r['gbytes_per_s'] / bandwidth:>5.1f}% {gib(r.get('peak_bytes')):>8} "
+        f"{gib(r.get('estimated_bytes')):>8} {gib(r.get('memory_budget')):>10}")
+  scaling = result.get("scaling", [])
+  if scaling:
+    base = scaling[0]["ms_per_round"]
+    lines += ["", f"device scaling, {scaling[0]['workload']} K={scaling[0]['clients']}:",
+              f"{'devices':>7} {'ms/round':>9} {'speed-up':>8} {'plan':<14}"]
+    for r in scaling:
+      lines.append(f"{r['devices']:>7} {r['ms_per_round']:>9.1f} {base / r['ms_per_round']:>7.2f}x "
+                   f"{r['plan']},{r['chunk_size']}")
+  return "\n".join(lines)
+
+
+def accelerator_main(args):
+  """``--accelerator``: the accelerator workloads, roofline and device scaling (see the module
+  docstring); writes ``args.out``."""
+  import jax
+  backend = jax.default_backend()
+  out = args.out or os.path.join(os.path.dirname(__file__), "results",
+                                 f"engine_{backend}_accelerator.json")
+  devices = jax.device_count()
+  result = {"device": jax.devices()[0].device_kind, "backend": backend, "device_count": devices,
+            "xla_flags": os.environ.get("XLA_FLAGS"), "scale": args.scale, **provenance()}
+  on_cpu = backend == "cpu"
+  result["matmul_peak_gflops"] = matmul_peak_gflops(2048 if on_cpu else 8192)
+  result["copy_bandwidth_gbps"] = copy_bandwidth_gbps(64 if on_cpu else 1024)
+  print(f"{result['device']} ({backend}) x{devices}: f32 matmul peak "
+        f"{result['matmul_peak_gflops']:.1f} GFLOP/s, copy {result['copy_bandwidth_gbps']:.1f} GB/s; "
+        f"commit {result['commit']}{' (dirty)' if result['dirty'] else ''}", flush=True)
+  clients = lambda k: max(1, int(round(k * args.scale)))
+  rows = []
+  for workload, k in ACCELERATOR:
+    row = _subprocess_case([workload, "engine", str(clients(k)), "auto", "none"],
+                           blas_threads=args.blas_threads, devices=devices)
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+  scaling = []
+  for d in [d for d in SCALING_DEVICES if d <= devices]:
+    row = _subprocess_case(["W1", "engine", str(clients(ACCELERATOR[0][1])), "auto", "none"],
+                           blas_threads=args.blas_threads, devices=d)
+    scaling.append(row)
+    print(json.dumps(row), flush=True)
+  result.update(rows=rows, scaling=scaling)
+  result["table"] = accelerator_table(result)
+  print(result["table"])
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  with open(out, "w") as f:
+    json.dump(result, f, indent=2)
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--case", nargs=5, help=argparse.SUPPRESS)
   parser.add_argument("--params-out", help=argparse.SUPPRESS)
+  parser.add_argument("--devices", type=int, default=1, help=argparse.SUPPRESS)
+  parser.add_argument("--accelerator", action="store_true",
+                      help="the accelerator workloads (W1 at 100,000 clients, the 2NN at 10,000), "
+                           "roofline against measured matmul peak and copy bandwidth, device "
+                           "scaling; results in --out (default results/engine_<backend>_"
+                           "accelerator.json)")
+  parser.add_argument("--scale", type=float, default=1.0,
+                      help="--accelerator: multiply the client counts (e.g. 0.01 on a CPU)")
   parser.add_argument("--quick", action="store_true", help="smallest K of each workload only")
   parser.add_argument("--blas-threads", type=int,
                       help="OPENBLAS_NUM_THREADS for every case (default: OpenBLAS's own choice). "
@@ -418,9 +532,12 @@ def main():
   parser.add_argument("--plans", default="auto", help="comma list, e.g. auto,vmap,chunked:64")
   parser.add_argument("--readme", action="store_true", help="write the table into README.md")
   parser.add_argument("--from-json", help="re-render a saved results file instead of measuring")
-  parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
-                                                    "engine_cpu.json"))
+  parser.add_argument("--out", default=None, help="results file (default "
+                      "results/engine_cpu.json)")
   args = parser.parse_args()
+  if args.accelerator and not args.case:
+    return accelerator_main(args)
+  args.out = args.out or os.path.join(os.path.dirname(__file__), "results", "engine_cpu.json")
   readme = os.path.join(_ROOT, "README.md")
   if args.from_json:  # re-render a saved run (table, targets, README)
     with open(args.from_json) as f:
@@ -436,7 +553,7 @@ def main():
     workload, impl, k, plan, chunk = args.case
     print(json.dumps(run_case(workload, impl, int(k), reps=3, plan=plan,
                               chunk_size=None if chunk == "none" else int(chunk),
-                              params_out=args.params_out)))
+                              params_out=args.params_out, devices=args.devices)))
     return
   import jax
   result = {"device": jax.devices()[0].device_kind, "backend": jax.default_backend(),

@@ -121,7 +121,8 @@ def working_memory(model, algorithm, params, train, cohort_size: int, *, eval_by
       "server state": 3 * (param_bytes + server_opt),
       "per-client states": train.num_clients * (client_state + agg_state + local_bytes),
       "collected updates": 2 * cohort_size * update_bytes if collect else 0,
-      "shuffles": 2 * 4 * cohort_size * steps * batch,
+      # each slot's int32 example order; the Fisher–Yates swaps copy it (client.epoch_orders)
+      "shuffles": 4 * 4 * cohort_size * steps * batch,
   }
   per_client = {
       "per client: model copies": int(PARAM_COPIES * (update_bytes + client_opt)) + 2 * client_state,

@@ -99,28 +99,45 @@ def epoch_orders(keys: jax.Array, num_examples: jax.Array, shape: BucketShape,
   and epochs, exactly uniform; or ``"sort"``, a stable argsort of 32-bit random keys (uniform up
   to ties, which have probability about ``n² / 2³³`` per epoch and are broken by position).
   """
-  num_clients = keys.shape[0]
-  length, epochs = shape.max_examples, shape.num_epochs
-  identity = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (num_clients, epochs, length))
+  length = shape.max_examples
   if not shuffle or length == 1:
-    return identity
+    return jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32),
+                            (keys.shape[0], shape.num_epochs, length))
+  return orders_from_draws(epoch_draws(keys, shape, method), num_examples, method)
+
+
+def epoch_draws(keys: jax.Array, shape: BucketShape, method: str = "fisher_yates") -> jax.Array:
+  """The random numbers :func:`orders_from_draws` turns into epoch orders, ``[clients,
+  num_epochs, max_examples]``: 32 random bits per position (``"sort"``) or uniforms in ``[0, 1)``
+  (``"fisher_yates"``), epoch ``e`` of client ``c`` from ``fold_in(keys[c], e)``. With JAX's
+  partitionable threefry (the default) they are prefix-stable: the first ``L'`` positions drawn
+  at width ``L > L'`` equal those drawn at width ``L'``."""
+  length, epochs = shape.max_examples, shape.num_epochs
   if method == "sort":
-    def one(key, n):  # prefix-stable draws: a client's keys do not depend on L
-      bits = jax.vmap(lambda e: jax.random.bits(jax.random.fold_in(key, e), (length,)))(
-          jnp.arange(epochs))
+    one = lambda k, e: jax.random.bits(jax.random.fold_in(k, e), (length,))
+  else:
+    one = lambda k, e: jax.random.uniform(jax.random.fold_in(k, e), (length,))
+  return jax.vmap(lambda k: jax.vmap(lambda e: one(k, e))(jnp.arange(epochs)))(keys)
+
+
+def orders_from_draws(draws: jax.Array, num_examples: jax.Array,
+                      method: str = "fisher_yates") -> jax.Array:
+  """Epoch orders ``[clients, num_epochs, L]`` from :func:`epoch_draws` ``[clients, num_epochs,
+  L]`` (see :func:`epoch_orders`)."""
+  num_clients, epochs, length = draws.shape
+  if method == "sort":
+    def one(bits, n):
       bits = jnp.where(jnp.arange(length) < n, bits, jnp.uint32(0xFFFFFFFF))
       return jnp.argsort(bits, axis=-1, stable=True).astype(jnp.int32)
-    return jax.vmap(one)(keys, num_examples.astype(jnp.int32))
+    return jax.vmap(one)(draws, num_examples.astype(jnp.int32))
   # u[i, c*E + e] drives the swap at position i; layout [L, columns] keeps rows contiguous.
   # Epoch e of a client draws from fold_in(key, e); with JAX's partitionable threefry (the default)
   # draws are prefix-stable, so a client's permutation depends on u[:n] only, not on L or on how
   # many epochs its bucket draws: bucketing does not change results.
-  draw = lambda k: jax.vmap(lambda e: jax.random.uniform(jax.random.fold_in(k, e), (length,)))(
-      jnp.arange(epochs))
-  u = jax.vmap(draw)(keys)  # [C, E, L]
-  u = jnp.transpose(u, (2, 0, 1)).reshape(length, num_clients * epochs)
+  u = jnp.transpose(draws, (2, 0, 1)).reshape(length, num_clients * epochs)
   n = jnp.repeat(num_examples.astype(jnp.int32), epochs)
   cols = jnp.arange(num_clients * epochs)
+  identity = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (num_clients, epochs, length))
   orders = identity.reshape(num_clients * epochs, length).T  # [L, cols]
 
   def swap(t, orders):

@@ -157,6 +157,42 @@ def test_shuffled_epochs_are_permutations_of_each_client(method):
   np.testing.assert_array_equal(wider[1, :, :7], orders[1, :, :7])
 
 
+@pytest.mark.parametrize("method", ["fisher_yates", "sort"])
+def test_shared_bucket_chunks_draw_each_clients_own_permutation(method):
+  """A shared bucket draws a chunk's orders at the width of the smallest part that fits it; every
+  client still gets the permutation of its own size group's bucket (and of any other width)."""
+  from fedjax_sim import client as client_lib
+  from fedjax_sim.engine import jobs
+  algo = fs.algorithms.fedavg(batch_size=4, local_steps=6)
+  sizes = np.array([2, 3, 5, 9, 17, 30, 31])
+  groups = fs.engine.size_buckets(sizes)
+  [bucket], _, _ = fs.engine.make_buckets(sizes, algo, 7, 2, "auto", rounds=10)
+  assert len(bucket.parts) == len(groups) > 2 and bucket.shape.max_examples == 31
+  keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(3), i))(jnp.arange(7))
+  for chunk in ([0, 1], [2, 3], [3, 4], [5, 6]):  # small chunks, a chunk across two parts
+    n = jnp.asarray(sizes[chunk])
+    got = np.asarray(jobs.chunk_orders(keys[np.array(chunk)], n, bucket.shape, bucket.parts, True,
+                                       method))
+    assert got.shape == (2, bucket.shape.num_epochs, 31)
+    for i, c in enumerate(chunk):
+      own = next(client_lib.bucket_shape(sizes[g], algo) for g in groups if c in g)
+      want = np.asarray(client_lib.epoch_orders(keys[c:c + 1], n[i:i + 1], own, True, method))
+      e = own.num_epochs  # a client never reads past its own epochs
+      np.testing.assert_array_equal(got[i, :e, :sizes[c]], want[0, :e, :sizes[c]])
+
+
+def test_shared_bucket_slots_are_ordered_by_size():
+  from fedjax_sim.engine import buckets
+  sizes = np.array([40, 3, 9, 3, 25, 6, 1, 12])
+  algo = fs.algorithms.fedavg(batch_size=4)
+  [bucket], bucket_of, _ = fs.engine.make_buckets(sizes, algo, 6, 2, "auto", rounds=10)
+  cohort = jnp.array([0, 2, 3, 4, 6, 7])
+  ids, pos = buckets.bucket_slots(cohort, jnp.asarray(bucket_of), 0, bucket, jnp.asarray(sizes))
+  assert ids.shape == (3, 2)
+  np.testing.assert_array_equal(np.asarray(ids).ravel(), [6, 3, 2, 7, 4, 0])
+  np.testing.assert_array_equal(np.asarray(cohort)[np.asarray(pos).ravel()], [6, 3, 2, 7, 4, 0])
+
+
 def test_sort_shuffle_is_uniform_over_positions():
   """Across many keys, each example lands in each position about equally often."""
   from fedjax_sim import client as client_lib

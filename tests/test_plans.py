@@ -140,8 +140,8 @@ def test_host_loop_and_compiled_plans_agree(case):
 
 def test_bucketing_and_block_size_do_not_change_results_nor_recompile(setup, base):
   """Buckets and blocks of 1 and 2 rounds give the reference run's numbers; blocks of 2 over five
-  rounds (the last one partial) over three buckets compile once: every block after the first took
-  the previous one's output state, so it kept its tree, shapes and dtypes."""
+  rounds (the last one partial) over the shared bucket compile once: every block after the first
+  took the previous one's output state, so it kept its tree, shapes and dtypes."""
   one = _run(setup, plan="vmap", bucketing=False)
   _assert_same(base, one)
   fd, _, algo = setup  # "auto" merges the three groups for five rounds: one bucket, as False
@@ -152,9 +152,13 @@ def test_bucketing_and_block_size_do_not_change_results_nor_recompile(setup, bas
   init = fs.simulation.initial_params(setup[1], 3)
   _assert_same(one, _run(setup, rounds_per_block=1, bucketing=False, init_params=init))
   assert all(np.all(np.isfinite(np.asarray(a))) for a in jax.tree.leaves(init))  # still readable
-  blocks = _run(setup, plan="vmap", rounds_per_block=2)  # last block is partial
+  # More slots than one chunk: "auto" shares one compiled body over the three size groups, slots
+  # ordered by size; in blocks of 2 over five rounds (the last one partial) it compiles once.
+  [shared], _, _ = fs.engine.make_buckets(fd.num_examples, algo, 6, 2, "auto", rounds=5)
+  assert shared.chunk == 2 and len(shared.parts) == 3
+  blocks = _run(setup, bucketing="auto", chunk_size=2, rounds_per_block=2)
   _assert_same(base, blocks)
-  assert blocks.info["num_buckets"] == 3 and blocks.info["compilations"] == 1
+  assert blocks.info["num_buckets"] == 1 and blocks.info["compilations"] == 1
 
 
 def test_same_seed_same_numbers_other_seed_other_numbers(setup, base):

@@ -7,6 +7,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from fedjax_sim import client as client_lib
 from fedjax_sim import systems
@@ -25,16 +26,18 @@ class Slots(NamedTuple):
 
 def slots(d, plan_r, b: int, bucket: Bucket) -> Slots:
   """The cohort members of bucket ``b`` and their conditions."""
-  ids, pos = bucket_slots(plan_r.cohort, d.bucket_of, b, bucket)
+  ids, pos = bucket_slots(plan_r.cohort, d.bucket_of, b, bucket, d.counts)
   at = lambda a, fill: jnp.append(a, fill)[pos]
   c = plan_r.conditions
   attacker = None if plan_r.attackers is None else at(plan_r.attackers, False)
   return Slots(ids, at(c.returns, False), at(c.straggler, False), at(c.u, 0.0), attacker)
 
 
-def client_jobs(spec, d, s: Slots, plan_r, shape: client_lib.BucketShape) -> client_lib.ClientJob:
+def client_jobs(spec, d, s: Slots, plan_r, shape: client_lib.BucketShape,
+                parts: tuple = ()) -> client_lib.ClientJob:
   """The :class:`fedjax_sim.client.ClientJob` of each slot (fields shaped like ``s.ids``); a client
-  that does not return gets ``num_examples = 0`` (its slot runs no real step)."""
+  that does not return gets ``num_examples = 0`` (its slot runs no real step). ``parts``: a shared
+  bucket's size groups (:func:`chunk_orders`)."""
   algo = spec.algo
   flat = lambda a: a.reshape(-1)
   ids_f, ret_f = flat(s.ids), flat(s.returns)
@@ -48,7 +51,7 @@ def client_jobs(spec, d, s: Slots, plan_r, shape: client_lib.BucketShape) -> cli
                       steps)
   client_key = plan_r.keys.clients
   keys = jax.vmap(lambda i: jax.random.fold_in(client_key, i))(d.global_id(ids_f))
-  orders = client_lib.epoch_orders(keys, n, shape, algo.shuffle, spec.shuffle_method)
+  orders = chunk_orders(keys, n, shape, parts, algo.shuffle, spec.shuffle_method)
   label_map = None
   if spec.attack is not None and spec.attack.label_map is not None:  # data poisoning
     classes = spec.attack.classes
@@ -59,3 +62,21 @@ def client_jobs(spec, d, s: Slots, plan_r, shape: client_lib.BucketShape) -> cli
   job = client_lib.ClientJob(d.offsets[ids_f], n, jnp.where(n > 0, steps, 0), orders, label_map,
                              step_keys)
   return jax.tree.map(lambda a: a.reshape(*s.ids.shape, *a.shape[1:]), job)
+
+
+def chunk_orders(keys, n, shape: client_lib.BucketShape, parts: tuple, shuffle: bool, method: str):
+  """:func:`fedjax_sim.client.epoch_orders` of a chunk, shaped by ``shape``. For a shared bucket
+  the random numbers are drawn at the bucket's width and turned into permutations (sorted, or
+  swapped) at the width of the first part (size group) whose largest client is at least the
+  chunk's largest ``n`` (a ``lax.switch``), then padded: a client's permutation does not depend on
+  the width (docs/design.md, item 17), and the padding is never read."""
+  if not parts or not shuffle or shape.max_examples == 1:
+    return client_lib.epoch_orders(keys, n, shape, shuffle, method)
+  draws = client_lib.epoch_draws(keys, shape, method)
+  widths = jnp.asarray([p.max_examples for p in parts], jnp.int32)
+  which = jnp.minimum(jnp.searchsorted(widths, jnp.max(n)), len(parts) - 1)
+
+  def width(length):
+    pad = ((0, 0), (0, 0), (0, shape.max_examples - length))
+    return lambda: jnp.pad(client_lib.orders_from_draws(draws[..., :length], n, method), pad)
+  return lax.switch(which, [width(p.max_examples) for p in parts])

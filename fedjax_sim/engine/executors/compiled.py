@@ -40,7 +40,8 @@ def device_round(spec, d: DeviceData, train_key, state: rs.ServerState, hp, r):
       c, s_c, job_c = chunk
       gids = d.global_id(s_c.ids)
       def update():
-        job = job_c if bucket.dense else jobs_lib.client_jobs(spec, d, s_c, plan_r, bucket.shape)
+        job = job_c if bucket.dense else jobs_lib.client_jobs(spec, d, s_c, plan_r, bucket.shape,
+                                                                bucket.parts)
         return rs.train_chunk(spec, d, state, hp, plan_r, job, s_c.ids, s_c.returns,
                               rs.gather_states(states, gids), bucket.shape, s_c.attacker)
       result = lax.cond(jnp.any(s_c.returns), update, rs.zeros_of(update))

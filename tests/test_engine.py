@@ -173,7 +173,8 @@ def test_shared_bucket_chunks_draw_each_clients_own_permutation():
   keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(3), i))(jnp.arange(7))
   draw = jax.jit(lambda k, n: jobs.chunk_orders(k, n, bucket.shape, bucket.parts, True, "sort"))
   # Drawn at the full width (the same as at its own group's width: tested above).
-  want = np.asarray(client_lib.epoch_orders(keys, jnp.asarray(sizes), bucket.shape, True, "sort"))
+  want = np.asarray(jax.jit(lambda k, n: client_lib.epoch_orders(k, n, bucket.shape, True, "sort"))(
+      keys, jnp.asarray(sizes)))
   for chunk in ([0, 1], [2, 3], [3, 4], [5, 6]):  # small chunks, a chunk across two parts
     got = np.asarray(draw(keys[np.array(chunk)], jnp.asarray(sizes[chunk])))
     assert got.shape == want[:2].shape

@@ -93,8 +93,9 @@ CONFIG_KEYS = {
     "population": ("device", "where the training population lives: device | host (stays in host "
                    "memory, each block's cohorts streamed in; only test data is evaluated)"),
     "bucketing": ("auto", "group clients by size so small clients do not pay for the largest "
-                  "one's local steps: auto (size groups merged where one more compiled bucket "
-                  "would cost more than it saves over the run's rounds) | true | false"),
+                  "one's local steps: auto (size groups in one compiled bucket ordered by "
+                  "size, or merged where one more compiled bucket would cost more than it saves "
+                  "over the run's rounds) | true | false"),
     "devices": ("all", "devices each cohort chunk is split over: all (every device of the default "
                 "backend, of every process in a multi-process run) | a count k (the first k)"),
     "compilation_cache": ("~/.cache/fedjax_sim/xla", "directory of JAX's persistent compilation "

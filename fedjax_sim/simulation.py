@@ -468,9 +468,11 @@ def simulate(algorithm: Algorithm, model: Model, train: FederatedData, rounds: i
     rounds_per_block: rounds per compiled call (default ``min(rounds, 10)``).
     bucketing: group clients by size so small clients do not pay for the largest one's steps:
       ``True`` (up to 6 size groups, each within 2× in size), ``False`` (one group), or
-      ``"auto"`` (the size groups, merged where compiling one more bucket, about 2 s on a CPU,
-      would cost more than its smaller clients' padded steps over ``rounds`` rounds). Results
-      agree up to float summation order.
+      ``"auto"`` (with mini-batches and more cohort slots than one chunk of 32: the size groups
+      share one compiled bucket whose slots are ordered by size, so each chunk runs its own
+      clients' step count; otherwise the size groups merged where compiling one more bucket,
+      about 2 s on a CPU, would cost more than its smaller clients' padded steps over
+      ``rounds`` rounds). Results agree up to float summation order.
     system: stragglers and dropouts (:class:`fedjax_sim.Heterogeneity`); ``None``: all finish.
     dissimilarity: also measure the gradient dissimilarity ``E_k‖∇F_k(w) − ∇f(w)‖²`` over the
       training population at evaluated rounds (one full-gradient pass per evaluation).

@@ -77,8 +77,9 @@ def build_engine(model, algo: Algorithm, train, plan: Plan, cohort_size: int, tr
       evaluated rounds (``local_clients``: the population's local parameters, or ``None``).
     eval_data: the arrays ``evaluate`` reads (passed to the compiled block as an argument).
     bucketing: group clients by size (``False``: one bucket padded to the largest client;
-      ``"auto"``: size groups merged where compiling them would cost more than it saves over
-      ``rounds`` rounds, see :func:`~fedjax_sim.engine.buckets.merge_groups`).
+      ``"auto"``: the size groups in one shared bucket ordered by size,
+      :func:`~fedjax_sim.engine.buckets.shared_bucket`, or merged where compiling them would cost
+      more than it saves over ``rounds`` rounds, :func:`~fedjax_sim.engine.buckets.merge_groups`).
     system: stragglers and dropouts.
     population_metrics: ``fn(params, device_data, buckets) -> {name: scalar}``, more metrics of
       evaluated rounds that read the training population (e.g. gradient dissimilarity).

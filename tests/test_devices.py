@@ -29,11 +29,13 @@ CHILD = textwrap.dedent("""
     from helpers import classification_clients
 
     assert len(jax.devices()) == 4, jax.devices()
-    xs, ys = classification_clients([5, 9, 14, 20, 33, 41, 8, 12, 17, 25, 6, 30], seed=0)
+    sizes = np.random.default_rng(0).integers(3, 40, 40)  # several size groups
+    xs, ys = classification_clients(sizes, seed=0)
     train = fs.FederatedData.from_arrays(xs, ys)
     model = fs.models.softmax_regression(5, 3)
     sgd = dict(client_lr=0.1, local_epochs=2, batch_size=4)
     common = dict(rounds=2, clients_per_round=6, bucketing=False)
+    shared = dict(rounds=2, clients_per_round=36, bucketing="auto")  # one bucket ordered by size
 
     def same(a, b, what):
       assert a.info["devices"] == 1 and b.info["devices"] == 4, (a.info["devices"], b.info["devices"])
@@ -46,10 +48,13 @@ CHILD = textwrap.dedent("""
 
     # Several devices split each chunk of clients: SCAFFOLD (per-client control variates
     # scattered back by id) with the coordinate-wise median (collect path) on a host-streamed
-    # population.
+    # population, its cohort of 36 in one shared bucket ordered by size (chunks of 32).
     runs = [fs.simulate(fs.algorithms.scaffold(**sgd), model, train, seed=3, test=train,
                         population="host", aggregator=fs.aggregators.median(), devices=d,
-                        **common) for d in (1, 4)]
+                        **shared) for d in (1, 4)]
+    [bucket], _, _ = fs.engine.make_buckets(train.num_examples, fs.algorithms.scaffold(**sgd), 36,
+                                            None, "auto", rounds=2, devices=4)
+    assert bucket.parts and bucket.chunk == 32 and runs[1].info["num_buckets"] == 1
     same(*runs, "scaffold median host")
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6),
                  runs[0].state.client_states, runs[1].state.client_states)

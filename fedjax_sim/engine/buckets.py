@@ -138,7 +138,8 @@ def make_buckets(num_examples: np.ndarray, algo: Algorithm, cohort_size: int,
   shared_chunk = min(SHARED_CHUNK, chunk_size or SHARED_CHUNK)
   if (bucketing == "auto" and rounds is not None and sizes.shape[0] == 1 and len(groups) > 1
       and algo.batch_size is not None and min(cohort_size, flat.size) > shared_chunk):
-    return shared_bucket(flat, groups, algo, cohort_size, shared_chunk, variable_steps)
+    return shared_bucket(flat, groups, algo, cohort_size, -(-shared_chunk // devices) * devices,
+                         variable_steps)
   if bucketing == "auto" and rounds is not None:  # a sweep's runs all execute every bucket
     groups = merge_groups(groups, flat, algo, cohort_size * sizes.shape[0], rounds, step_flops)
   bucket_of = np.zeros(flat.size, np.int32)

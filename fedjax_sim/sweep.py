@@ -28,6 +28,7 @@ from fedjax_sim import engine as engine_lib
 from fedjax_sim import simulation as sim
 from fedjax_sim import systems
 from fedjax_sim.algorithms import Algorithm, run_hparams
+from fedjax_sim.engine.executors import flat_sweep
 from fedjax_sim.models import Model
 
 
@@ -66,7 +67,7 @@ def simulate_sweep(algorithm: Algorithm, model: Model, trains, seeds: Sequence[i
                    system: systems.Heterogeneity | None = None,
                    dissimilarity: bool = False, aggregator=None, sampling: str = "fixed",
                    aggregator_hparams: Sequence[dict] | None = None, attack=None,
-                   devices=None) -> list[sim.SimulationResult]:
+                   devices=None, flatten: bool | str = "auto") -> list[sim.SimulationResult]:
   """Runs ``len(seeds)`` simulations in one compiled, vmapped program.
 
   Args:
@@ -82,6 +83,11 @@ def simulate_sweep(algorithm: Algorithm, model: Model, trains, seeds: Sequence[i
       :func:`fedjax_sim.simulate` (each run draws its Byzantine set from its own seed).
     aggregator_hparams: per run, a dict overriding some of ``aggregator.hparams`` (e.g.
       ``{"noise_multiplier": 0.5}`` for :func:`~fedjax_sim.aggregators.dp_mean`).
+    flatten: ``"auto"`` (default): the runs' cohorts are flattened into one cohort per round
+      (:mod:`fedjax_sim.engine.executors.flat_sweep`), except with a collect aggregator or an
+      omniscient attack, which run in lockstep (``info["flatten_fallback"]`` says why);
+      ``True``: flattened, or a ValueError naming what prevents it; ``False``: the whole block
+      vmapped over runs, which advance in lockstep.
 
   Returns:
     One :class:`~fedjax_sim.simulation.SimulationResult` per run. A run whose model becomes
@@ -113,6 +119,8 @@ def simulate_sweep(algorithm: Algorithm, model: Model, trains, seeds: Sequence[i
   cohort_size, block_len, how = shapes[0]
   system = systems.check(system)
   aggregator = aggregators_lib.check(aggregator)
+  if flatten not in (True, False, "auto"):
+    raise ValueError(f"flatten must be True, False or 'auto', got {flatten!r}")
 
   params = [sim.initial_params(model, seed) for seed in seeds]
   for i, (train, test) in enumerate(zip(trains, tests)):
@@ -121,6 +129,11 @@ def simulate_sweep(algorithm: Algorithm, model: Model, trains, seeds: Sequence[i
       sim._check_labels(model, params[0], test, f"tests[{i}]")
   attack = sim.check_attack(attack, model, params[0], trains[0])
   mesh = engine_lib.mesh.make_mesh(devices)
+  fallback = (flat_sweep.unsupported(aggregator, attack, mesh) if flatten is not False
+              else None)
+  if flatten is True and fallback is not None:
+    raise ValueError(f"flatten=True: {fallback}; use flatten=False or 'auto' (lockstep)")
+  flattened = flatten is not False and fallback is None
   backend = jax.default_backend()
   batch = algorithm.batch_size or max(int(t.num_examples.max()) for t in trains)
   chosen = sim.choose_plan(plan, chunk_size, model, params[0], trains[0].feature_shape, batch,
@@ -142,7 +155,7 @@ def simulate_sweep(algorithm: Algorithm, model: Model, trains, seeds: Sequence[i
                                   metrics_lib.gradient_dissimilarity(model) if dissimilarity else None,
                                   hparams=stacked_hparams, aggregator=aggregator, sampling=how,
                                   aggregator_hparams=agg_overrides, attack=attack, rounds=rounds,
-                                  mesh=mesh)
+                                  mesh=mesh, flatten=flattened)
   num_clients = trains[0].num_clients
   columns = [sim.derived_columns(engine, params[0], sim.epsilon_of(a, how, cohort_size,
                                                                     num_clients), cohort_size)
@@ -172,7 +185,8 @@ def simulate_sweep(algorithm: Algorithm, model: Model, trains, seeds: Sequence[i
         for k, v in row.items():
           histories[i].setdefault(k, []).append(v)
   info = {"plan": chosen.name, "chunk_size": chosen.chunk_size, "backend": backend, "runs": runs,
-          "devices": engine_lib.mesh.size(mesh),
+          "devices": engine_lib.mesh.size(mesh), "flattened": flattened,
+          "flatten_fallback": fallback,
           "aggregator": engine.spec.aggregator.name, "sampling": how.kind,
           "attack": None if attack is None else attack.name,
           "cohort_size": cohort_size, "rounds_per_block": block_len,

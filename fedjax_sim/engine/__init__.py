@@ -27,7 +27,7 @@ from fedjax_sim.algorithms import Algorithm, run_hparams
 from fedjax_sim.engine.buckets import Bucket, make_buckets, padding_waste, size_buckets
 from fedjax_sim.engine.cohort import (RoundKeys, Sampling, poisson_capacity, round_keys,
                                      sample_cohort)
-from fedjax_sim.engine.executors import compiled, host_loop
+from fedjax_sim.engine.executors import compiled, flat_sweep, host_loop
 from fedjax_sim.engine.population import CohortStream, DeviceData, device_data
 from fedjax_sim.engine import memory, mesh as mesh_lib, personal_eval, round_step
 from fedjax_sim.engine.round_step import ROUND_STATS, ServerState
@@ -60,7 +60,7 @@ def build_engine(model, algo: Algorithm, train, plan: Plan, cohort_size: int, tr
                  aggregator_hparams: list | None = None, attack=None,
                  local: tuple | None = None, rounds: int | None = None,
                  client_sets: list | None = None, finetune_steps: int | None = None,
-                 mesh=None) -> Engine:
+                 mesh=None, flatten: bool = False) -> Engine:
   """Builds the round for one (model, algorithm, aggregator, dataset, plan), or for a sweep.
 
   A sweep (``train`` a list of datasets with the same number of clients; ``train_key``,
@@ -101,6 +101,10 @@ def build_engine(model, algo: Algorithm, train, plan: Plan, cohort_size: int, tr
     mesh: a ``clients`` :class:`jax.sharding.Mesh` to split each chunk of clients over
       (:mod:`fedjax_sim.engine.mesh`), or ``None`` (one device). A sweep whose run count is a
       multiple of the device count splits its runs over the devices instead.
+    flatten: run a sweep flattened (:mod:`~fedjax_sim.engine.executors.flat_sweep`: the runs'
+      cohorts as one cohort per round) rather than vmapped in lockstep; the caller checks
+      :func:`~fedjax_sim.engine.executors.flat_sweep.unsupported` first (collect aggregators,
+      omniscient attacks and several devices run in lockstep).
   """
   sweep = isinstance(train, (list, tuple))
   num_clients = train[0].num_clients if sweep else train.num_clients
@@ -126,6 +130,9 @@ def build_engine(model, algo: Algorithm, train, plan: Plan, cohort_size: int, tr
                                             variable_steps=system.partial, rounds=rounds,
                                             step_flops=step_flops(model, algo, sizes),
                                             devices=mesh_lib.size(mesh))
+  flatten = sweep and flatten
+  if flatten:
+    buckets = flat_sweep.flat_buckets(buckets, bucket_of, cohort_size, plan.chunk_size)
   spec = RoundSpec(model, algo, aggregator, buckets, num_clients, cohort_size, system, plan,
                    client_lib.shuffle_method(int(np.max(sizes))), streaming, sampling, attack,
                    local, mesh)
@@ -135,7 +142,10 @@ def build_engine(model, algo: Algorithm, train, plan: Plan, cohort_size: int, tr
   if not sweep:
     client_metrics = personal_eval.build(spec, groups, train.num_examples, client_sets or [],
                                          finetune_steps)
-  if plan.name == "host_loop":
+  if flatten:
+    run_block, init_state = flat_sweep.build(spec, device_data(train, bucket_of), train_key,
+                                             evaluate, eval_data, population_metrics, hparams)
+  elif plan.name == "host_loop":
     run_block, init_state = host_loop.build(spec, device_data(train, bucket_of), train_key,
                                             evaluate, eval_data, population_metrics, hparams,
                                             client_metrics)

@@ -262,15 +262,17 @@ def finish_chunk(spec, d, state: ServerState, plan_r, shape, new_params, job, co
 
 
 def train_chunk(spec, d, state: ServerState, hp, plan_r, job, ids, returns, chunk_states,
-                shape, attackers=None) -> ChunkResult:
+                shape, attackers=None, bound=None) -> ChunkResult:
   """One chunk of clients trained in one program (stages 3–5 for the chunk); with a mesh, the
-  chunk's clients are split over its devices (:func:`fedjax_sim.engine.mesh.sharded_chunk`)."""
+  chunk's clients are split over its devices (:func:`fedjax_sim.engine.mesh.sharded_chunk`).
+  ``bound``: the local-step loop's trip count (default: the chunk's largest ``job.num_steps``; a
+  flattened sweep vmaps this function over single clients and passes its chunk's bound)."""
   def run(d, state, hp, plan_r, job, ids, returns, chunk_states, attackers):
-    bound = jnp.max(job.num_steps)
+    steps = jnp.max(job.num_steps) if bound is None else bound
     contexts = chunk_contexts(spec, state, hp, plan_r, job, chunk_states[0], d.global_id(ids))
     new_params = over_chunk(lambda job_k, ctx, local_k: client_lib.local_train(
         spec.model, spec.algo, shape, start_params(spec, start_of(spec, state, ctx), local_k),
-        d.x, d.y, job_k, ctx, bound, spec.plan.unroll))(job, contexts, chunk_states[2])
+        d.x, d.y, job_k, ctx, steps, spec.plan.unroll))(job, contexts, chunk_states[2])
     return finish_chunk(spec, d, state, plan_r, shape, new_params, job, contexts, chunk_states,
                         ids, returns, attackers)
   return mesh_lib.sharded_chunk(run, spec.mesh, 4)(d, state, hp, plan_r, job, ids, returns,

@@ -74,7 +74,7 @@ def flat_buckets(buckets: list[Bucket], bucket_of: np.ndarray, cohort_size: int,
                  chunk_size: int | None) -> list[Bucket]:
   """The buckets of a flattened sweep: bucket ``b`` gets ``Σ_runs min(m, members of b in the
   run)`` slots (the most the runs' cohorts can put there in one round) and a chunk of about a
-  quarter of its expected members (``chunk_size`` when the plan sets one)."""
+  quarter of its expected members (at most the plan's ``chunk_size``)."""
   runs, num_clients = bucket_of.shape
   out = []
   for b, bucket in enumerate(buckets):
@@ -83,8 +83,8 @@ def flat_buckets(buckets: list[Bucket], bucket_of: np.ndarray, cohort_size: int,
     expected = float(cohort_size * members.sum() / num_clients)
     chunk = 1 << max(0, math.floor(math.log2(max(expected / 4, 1.0))))
     chunk = min(max(chunk, MIN_CHUNK), MAX_CHUNK)
-    if chunk_size is not None:
-      chunk = chunk_size
+    if chunk_size is not None:  # the plan's chunk bounds the memory of a chunk's training
+      chunk = min(chunk, chunk_size)
     out.append(bucket._replace(capacity=capacity, chunk=max(1, min(chunk, capacity)),
                                dense=False))
   return out

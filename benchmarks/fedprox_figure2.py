@@ -5,9 +5,10 @@ Protocol (the paper's §5 and ../shared/REFERENCES.md): Synthetic-IID, Synthetic
 10 of 30 devices per round, drawn uniformly; n_k-weighted averaging; 200 rounds; μ ∈ {0, 1}
 (μ = 0 is FedAvg); no stragglers. Logged: the example-weighted training loss over all 30 devices
 and the gradient dissimilarity ``E_k‖∇F_k(w) − ∇f(w)‖²`` at every round. Each configuration runs
-with ``--seeds`` data/training seeds (default 3), so the figure is 4 × 2 × 3 = 24 runs, batched
-as one vmapped program per data seed (:func:`fedjax_sim.simulate_sweep`; ``--one-sweep``: all 24 in
-one).
+with ``--seeds`` data/training seeds (default 3), so the figure is 4 × 2 × 3 = 24 runs, all in one
+flattened sweep (:func:`fedjax_sim.simulate_sweep`: the runs' cohorts as one cohort per round).
+``--lockstep`` runs the lockstep sweep instead (the block vmapped over runs), one per data seed
+(``--one-sweep``: all 24 in one).
 
 Outputs (``--out``, default benchmarks/results/): ``fedprox_figure2.png`` (top: training loss,
 mean over seeds with min–max band; bottom: dissimilarity), ``fedprox_figure2.md`` (final losses
@@ -57,7 +58,7 @@ def algorithm():
   return fs.algorithms.fedprox(mu=0.0, client_lr=0.01, local_epochs=20, batch_size=10)
 
 
-def run_sweep(runs, rounds: int, by_seed: bool):
+def run_sweep(runs, rounds: int, by_seed: bool, flatten: bool = True):
   """Runs every run in one sweep, or one sweep per data seed (``by_seed``).
 
   Runs of one data seed have identical client sizes (the generator draws sizes first), so their
@@ -73,12 +74,13 @@ def run_sweep(runs, rounds: int, by_seed: bool):
         algorithm(), fs.models.softmax_regression(60, 10), [runs[i][3] for i in index],
         seeds=[runs[i][2] for i in index], hparams=[{"mu": runs[i][1]} for i in index],
         rounds=rounds, clients_per_round=10, eval_every=1, rounds_per_block=min(rounds, 50),
-        dissimilarity=True)
+        dissimilarity=True, flatten=flatten)
     for i, res in zip(index, out):
       results[i] = res
     infos.append(dict(runs=len(index), seconds=out[0].info["seconds"],
                       first_block=out[0].info["block_seconds"][0],
-                      largest_client=out[0].info["bucket_max_examples"][-1]))
+                      largest_client=out[0].info["bucket_max_examples"][-1],
+                      flattened=out[0].info["flattened"]))
   return results, time.perf_counter() - start, infos
 
 
@@ -161,9 +163,15 @@ def markdown(saved, table, checked) -> list[str]:
            f"({'one per data seed' if len(groups) > 1 else 'all runs'}): "
            f"**{saved['sweep_seconds']:.1f} s** wall on {saved['machine']} ({saved['cores']} cores, "
            f"backend {saved['backend']}), compilation included.", ""]
-  lines += [f"- sweep of {g['runs']} runs (largest client {g['largest_client']} examples): "
+  lines += [f"- {'flattened' if g.get('flattened') else 'lockstep'} sweep of {g['runs']} runs "
+            f"(largest client {g['largest_client']} examples): "
             f"{g['seconds']:.1f} s, first block of {min(rounds, 50)} rounds incl. compilation "
             f"{g['first_block']:.1f} s" for g in groups] + [""]
+  lockstep = saved.get("lockstep_seconds")
+  if lockstep:
+    lines += [f"Lockstep sweeps (`flatten=False`, one per data seed, measured before): "
+              f"{lockstep:.0f} s; the flattened sweep is {lockstep / saved['sweep_seconds']:.1f}× "
+              "faster.", ""]
   sequential = saved["sequential_seconds_per_run"]
   if sequential is not None:
     lines += [f"Sequential baseline: {sequential:.1f} s per run with `simulate` (mean of "
@@ -202,7 +210,11 @@ def main() -> None:
   parser.add_argument("--sequential", type=int, default=0,
                       help="also time this many runs one by one with simulate()")
   parser.add_argument("--one-sweep", action="store_true",
-                      help="all runs in a single sweep instead of one sweep per data seed")
+                      help="lockstep: all runs in a single sweep instead of one per data seed")
+  parser.add_argument("--lockstep", action="store_true",
+                      help="the lockstep sweep (vmapped over runs) instead of the flattened one")
+  parser.add_argument("--lockstep-seconds", type=float, default=None,
+                      help="the lockstep sweeps' wall seconds measured earlier, for the ratio")
   parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
   parser.add_argument("--from-json", help="re-render the .md (and claims) of a saved .json")
   args = parser.parse_args()
@@ -214,13 +226,16 @@ def main() -> None:
   os.makedirs(args.out, exist_ok=True)
 
   runs = make_runs(args.seeds)
-  results, sweep_seconds, groups = run_sweep(runs, args.rounds, not args.one_sweep)
+  results, sweep_seconds, groups = run_sweep(runs, args.rounds,
+                                             args.lockstep and not args.one_sweep,
+                                             flatten=not args.lockstep)
   sequential = time_sequential(runs, args.rounds, args.sequential) if args.sequential else None
   saved = {"runs": [dict(dataset=n, mu=mu, seed=s) for n, mu, s, _ in runs],
            "train_loss": [r.history["train_loss"] for r in results],
            "grad_dissimilarity": [r.history["grad_dissimilarity"] for r in results],
            "sweep_seconds": sweep_seconds, "sequential_seconds_per_run": sequential,
            "sequential_runs": args.sequential, "sweeps": groups,
+           "lockstep_seconds": args.lockstep_seconds,
            "machine": platform.machine(), "cores": os.cpu_count(),
            "backend": results[0].info["backend"]}
   base = os.path.join(args.out, "fedprox_figure2")

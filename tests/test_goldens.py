@@ -61,7 +61,7 @@ def _cases():
       "streamed": lambda: fs.simulate(alg.fedavg(**KW), MLP(), fd, test=fd, population="host",
                                       **COMMON),
       "sweep": lambda: fs.simulate_sweep(alg.fedprox(mu=0.0, **KW), MLP(), fd, seeds=[0, 1],
-                                         hparams=[{"mu": 0.0}, {"mu": 1.0}],
+                                         hparams=[{"mu": 0.0}, {"mu": 1.0}], flatten=False,
                                          **{k: v for k, v in COMMON.items() if k != "seed"}),
       "host_loop_cnn": lambda: fs.simulate(
           alg.fedavg(client_lr=0.1, batch_size=3), fs.models.cnn((4, 4, 1), 3, (2,), 4),

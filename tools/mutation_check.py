@@ -563,6 +563,21 @@ MUTATIONS = [
       "norm_max=jax.lax.pmax(sums.norm_max, AXIS)", "norm_max=sums.norm_max",
       ("tests/test_devices.py::test_four_devices_equal_one",),
       "the largest update norm of one device's share, not of the chunk"),
+    # --- flattened sweeps
+    M("flat_run_0_state", "sweeps", E + "executors/flat_sweep.py",
+      "        params, extra, aggregator = at(light, k_run)",
+      "        params, extra, aggregator = at(light, 0)",
+      ("tests/test_flat_sweeps.py::test_flattened_fedprox_sweep_equals_separate_runs_and_lockstep",),
+      "every slot of a flattened sweep trains from run 0's model"),
+    M("flat_sums_to_run_0", "sweeps", E + "executors/flat_sweep.py",
+      "      seg = lambda a: jax.ops.segment_sum(a, run_c, num_segments=runs)",
+      "      seg = lambda a: jax.ops.segment_sum(a, run_c * 0, num_segments=runs)",
+      ("tests/test_flat_sweeps.py::test_flattened_fedprox_sweep_equals_separate_runs_and_lockstep",),
+      "every run's clients are summed into run 0"),
+    M("flat_unsorted", "sweeps", E + "executors/flat_sweep.py",
+      "  score = jnp.where(member, n, -1)", "  score = jnp.where(member, 0, -1)",
+      ("tests/test_flat_sweeps.py::test_bucket_slots_are_sorted_by_size_and_padded_with_the_empty_slot",),
+      "flattened chunks are not sorted by size (each chunk runs its largest member's steps)"),
 ]
 
 

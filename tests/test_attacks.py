@@ -64,7 +64,8 @@ def population():
 
 def test_robust_rules_resist_a_scaled_sign_flip_that_breaks_the_mean(population):
   """20 % of the population flips and scales its updates by 4: the mean's accuracy collapses,
-  the median, the trimmed mean and Krum stay within a few points of the clean run."""
+  the median and the trimmed mean stay within a few points of the clean run (Krum's selection is
+  checked against NumPy in tests/test_robust.py, its robustness in benchmarks/robustness.py)."""
   fd, model = population
   algo = fs.algorithms.fedavg(client_lr=0.2, batch_size=10)
   run = lambda aggregator=None, attack=None: fs.simulate(
@@ -76,7 +77,7 @@ def test_robust_rules_resist_a_scaled_sign_flip_that_breaks_the_mean(population)
   attacked = run(attack=flip)
   assert attacked.history["attackers"][-1] > 0
   assert accuracy(attacked) < clean - 0.3
-  for rule in [agg.median(), agg.trimmed_mean(0.25), agg.krum(num_byzantine=4)]:
+  for rule in [agg.median(), agg.trimmed_mean(0.25)]:
     assert accuracy(run(rule, flip)) > clean - 0.04, rule.name
 
 

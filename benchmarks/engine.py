@@ -232,17 +232,23 @@ def _best_of(reps, fn):
   return best
 
 
-def matmul_peak_gflops(n=2048, reps=10):
-  import jax
-  import jax.numpy as jnp
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-  f = jax.jit(lambda a: a @ a)
+def _best_seconds(f, a, reps: int) -> float:
+  """The fastest of ``reps`` timed calls ``f(a)``, after one warm-up (compilation) call."""
   f(a).block_until_ready()
   best = float("inf")
   for _ in range(reps):
     t = time.perf_counter()
     f(a).block_until_ready()
     best = min(best, time.perf_counter() - t)
+  return best
+
+
+def matmul_peak_gflops(n=2048, reps=10):
+  import jax
+  import jax.numpy as jnp
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  f = jax.jit(lambda a: a @ a)
+  best = _best_seconds(f, a, reps)
   return 2 * n ** 3 / best / 1e9
 
 
@@ -435,12 +441,7 @@ def copy_bandwidth_gbps(megabytes=256, reps=10):
   n = megabytes * 2 ** 20 // 4
   a = jnp.arange(n, dtype=jnp.float32)
   f = jax.jit(lambda a: a * 1.0000001)  # one read and one write of every element, not elided
-  f(a).block_until_ready()
-  best = float("inf")
-  for _ in range(reps):
-    t = time.perf_counter()
-    f(a).block_until_ready()
-    best = min(best, time.perf_counter() - t)
+  best = _best_seconds(f, a, reps)
   return 2 * n * 4 / best / 1e9
 
 

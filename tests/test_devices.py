@@ -17,6 +17,7 @@ import pytest
 
 import fedjax_sim as fs
 from fedjax_sim.engine import mesh as mesh_lib
+from tests.helpers import forced_devices_flags
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -71,7 +72,7 @@ CHILD = textwrap.dedent("""
 
 
 def test_four_devices_equal_one():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+  env = dict(os.environ, XLA_FLAGS=forced_devices_flags(4),
              JAX_PLATFORMS="cpu")
   out = subprocess.run([sys.executable, "-c", CHILD.format(tests=HERE)], env=env,
                        capture_output=True, text=True, timeout=300)

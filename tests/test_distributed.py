@@ -25,6 +25,7 @@ import pytest
 import fedjax_sim as fs
 from fedjax_sim import distributed
 from fedjax_sim.cli import main
+from tests.helpers import forced_devices_flags
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-m", "fedjax_sim.cli"]
@@ -41,7 +42,7 @@ def _env(devices: int, **extra) -> dict:
   inherited = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
   path = os.pathsep.join([str(ROOT)] + inherited)
   return dict(os.environ, PYTHONPATH=path, JAX_PLATFORMS="cpu",
-              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **extra)
+              XLA_FLAGS=forced_devices_flags(devices), **extra)
 
 
 def _start(argv, env, cwd):

@@ -8,7 +8,7 @@ FedAdam's server state, partial stragglers and dropouts, a host-streamed populat
 ``host_loop`` on a convolutional model.
 
 Comparison is bit for bit when the recording's fingerprint (JAX, jaxlib and NumPy versions, CPU
-model) matches this machine's; XLA:CPU may pick other kernels on another processor or release, so
+model, the test session's XLA flags) matches this machine's; XLA:CPU may pick other kernels on another processor or release, so
 elsewhere the same values are compared to 1e-5 (and the test says which it did).
 
 Re-record (only when a change is *meant* to change numbers, and say so in the commit):
@@ -94,7 +94,8 @@ def fingerprint() -> dict:
     pass
   import jaxlib
   return {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "numpy": np.__version__,
-          "machine": platform.machine(), "cpu": cpu}
+          "machine": platform.machine(), "cpu": cpu,
+          "xla_flags": sorted(os.environ.get("XLA_FLAGS", "").split())}
 
 
 @pytest.mark.parametrize("name", sorted(_cases()))
@@ -124,4 +125,7 @@ def record():
 if __name__ == "__main__":
   if sys.argv[1:] != ["--record"]:
     sys.exit("usage: python tests/test_goldens.py --record")
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from tests.helpers import use_test_xla_flags
+  use_test_xla_flags()  # record under the flags the test session compiles with (conftest.py)
   record()

@@ -1064,13 +1064,20 @@ def _print_summary(history: dict, info: dict, out: str) -> None:
                             f"({p['accountant']}, noise multiplier {p['noise_multiplier']:g}, "
                             f"{p['sampling']} sampling at rate {p['sampling_rate']:.4g})"))
   rows += [("wall time", f"{info['seconds']:.1f} s"),
-           ("plan", f"{info['plan']} (chunk {info['chunk_size']}, {info['num_buckets']} size buckets, "
+           ("plan", f"{info['plan']} ({_chunks(info['bucket_chunks'])}, {info['num_buckets']} size "
+                    f"bucket{'s' * (info['num_buckets'] != 1)}, "
                     f"padding waste {info['padding_waste']:.0%})"),
            ("clients per round", str(info["cohort_size"]) if info.get("sampling") != "poisson"
             else f"{info['expected_clients']:.0f} expected (Poisson, {info['cohort_size']} slots)"),
            ("output", out)]
   width = max(len(k) for k, _ in rows)
   print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
+
+
+def _chunks(sizes: list[int]) -> str:
+  """``"chunks of 32"`` or ``"chunks of 4-64"``: the clients each bucket vmaps together."""
+  low, high = min(sizes), max(sizes)
+  return f"chunks of {low}" if low == high else f"chunks of {low}-{high}"
 
 
 def _read_run(run_dir: str) -> tuple[list[dict], dict]:

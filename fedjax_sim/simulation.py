@@ -616,7 +616,11 @@ def simulate(algorithm: Algorithm, model: Model, train: FederatedData, rounds: i
       "estimated_bytes": memory.bytes(max(b.chunk for b in engine.buckets),
                                       engine_lib.mesh.size(mesh)),
       "bucket_max_examples": [b.shape.max_examples for b in engine.buckets],
-      "padding_waste": engine_lib.padding_waste(train.num_examples, engine.groups, algorithm),
+      "bucket_chunks": [b.chunk for b in engine.buckets],
+      "padding_waste": (engine_lib.shared_padding_waste(train.num_examples, algorithm,
+                                                        cohort_size, engine.buckets[0].chunk)
+                        if engine.buckets[0].parts else
+                        engine_lib.padding_waste(train.num_examples, engine.groups, algorithm)),
       "padding_waste_unbucketed": engine_lib.padding_waste(
           train.num_examples, [np.arange(train.num_clients)], algorithm),
   }

@@ -29,6 +29,8 @@ def test_run_writes_run_directory(tmp_path, capsys):
   assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
   printed = capsys.readouterr().out
   assert "train_loss" in printed and "clients per round" in printed
+  chunks = summary["engine"]["bucket_chunks"]  # the summary names the chunks actually vmapped
+  assert f"(chunks of {min(chunks)}" in printed
   # the same --out again must not overwrite the finished run
   assert main(["run", "--out", str(out), *SMALL]) == 2
   assert "not empty" in capsys.readouterr().err

@@ -223,6 +223,20 @@ def test_size_buckets_bound_padding():
       sizes, [np.arange(len(sizes))], algo)
 
 
+def test_shared_bucket_padding_is_its_sorted_chunks_rounding():
+  """A shared bucket pads a client only to its chunk's largest (the cohort sorted by size)."""
+  algo = fs.algorithms.fedavg(local_epochs=1, batch_size=1)  # steps = examples
+  sizes = np.array([5, 1, 7, 3, 2, 6, 4])
+  # whole population each round, chunks of 3: [1 2 3] [4 5 6] [7] -> 3·3 + 6·3 + 7 = 34 of 28
+  waste = fs.engine.shared_padding_waste(sizes, algo, cohort_size=7, chunk=3)
+  np.testing.assert_allclose(waste, 34 / 28 - 1)
+  assert fs.engine.shared_padding_waste(sizes, algo, cohort_size=7, chunk=1) == 0.0
+  power_law = np.random.default_rng(0).pareto(1.5, 2000).astype(int) * 4 + 4
+  one_bucket = fs.engine.padding_waste(power_law, [np.arange(power_law.size)], algo)
+  shared = fs.engine.shared_padding_waste(power_law, algo, cohort_size=200, chunk=32)
+  assert 0 < shared < one_bucket / 10
+
+
 def test_auto_bucketing_merges_groups_that_do_not_pay_for_their_compilation():
   """A short run compiles one bucket; a long one keeps the groups whose smaller clients would
   otherwise run many padded steps, merging only where the saving is below one compilation."""

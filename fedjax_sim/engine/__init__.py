@@ -24,7 +24,8 @@ from fedjax_sim import aggregators as aggregators_lib
 from fedjax_sim import client as client_lib
 from fedjax_sim import systems
 from fedjax_sim.algorithms import Algorithm, run_hparams
-from fedjax_sim.engine.buckets import Bucket, make_buckets, padding_waste, size_buckets
+from fedjax_sim.engine.buckets import (Bucket, make_buckets, padding_waste, shared_padding_waste,
+                                      size_buckets)
 from fedjax_sim.engine.cohort import (RoundKeys, Sampling, poisson_capacity, round_keys,
                                      sample_cohort)
 from fedjax_sim.engine.executors import compiled, flat_sweep, host_loop
@@ -173,4 +174,4 @@ def _per_run_aggregator_states(spec, init_state, runs):
 __all__ = ["Bucket", "CohortStream", "DeviceData", "Engine", "PLANS", "Plan", "ROUND_STATS",
            "RoundKeys", "RoundSpec", "Sampling", "ServerState", "build_engine", "device_data",
            "make_buckets", "padding_waste", "poisson_capacity", "round_keys", "sample_cohort",
-           "size_buckets"]
+           "shared_padding_waste", "size_buckets"]

@@ -110,6 +110,26 @@ def padding_waste(num_examples: np.ndarray, groups: list[np.ndarray], algo: Algo
   return float(padded.sum() / real.sum() - 1.0)
 
 
+def shared_padding_waste(num_examples: np.ndarray, algo: Algorithm, cohort_size: int,
+                         chunk: int, cohorts: int = 64, seed: int = 0) -> float:
+  """:func:`padding_waste` of a shared bucket (:func:`shared_bucket`): each round's cohort sorted
+  by size and cut into chunks of ``chunk``, every client running its chunk's largest step count.
+  It depends on the cohort, so it is the mean over ``cohorts`` uniform cohorts of
+  ``min(cohort_size, clients)`` drawn from a NumPy generator seeded with ``seed`` (an estimate:
+  the engine's cohorts are drawn on the device)."""
+  steps = client_lib.num_local_steps(num_examples, algo).astype(np.float64)
+  m = min(cohort_size, steps.size)
+  starts = np.arange(0, m, chunk)
+  lengths = np.diff(np.append(starts, m))
+  rng = np.random.default_rng(seed)
+  real = padded = 0.0
+  for _ in range(cohorts):
+    s = np.sort(steps[rng.choice(steps.size, m, replace=False)])
+    real += s.sum()
+    padded += (lengths * s[starts + lengths - 1]).sum()  # sorted: a chunk's last is its largest
+  return float(padded / real - 1.0)
+
+
 def make_buckets(num_examples: np.ndarray, algo: Algorithm, cohort_size: int,
                  chunk_size: int | None, bucketing: bool | str = True,
                  variable_steps: bool = False, rounds: int | None = None,

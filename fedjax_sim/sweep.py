@@ -59,6 +59,18 @@ def check_hparams(algorithm: Algorithm, overrides: dict, where: str = "hparams")
       raise ValueError(f"{where}[{key!r}] must be a finite number, got {value!r}")
 
 
+def _run_groups(model, algorithm, params, trains, tests, cohort_size, aggregator, attack,
+                block_len, devices) -> list[range]:
+  """:func:`fedjax_sim.engine.memory.run_groups` of a sweep, each run estimated as its largest
+  dataset's (the runs' examples are held together on the device)."""
+  i = max(range(len(trains)), key=lambda j: trains[j].total_examples)
+  per_run = sim.plan_memory(model, algorithm, params, trains[i], cohort_size,
+                            [d for d in (trains[i], tests[i]) if d is not None], aggregator,
+                            attack, block_len=block_len)
+  return engine_lib.memory.run_groups(per_run, len(trains), cohort_size, sim.memory_budget(),
+                                      devices)
+
+
 def simulate_sweep(algorithm: Algorithm, model: Model, trains, seeds: Sequence[int],
                    hparams: Sequence[dict] | None = None, tests=None, rounds: int = 100,
                    clients_per_round: int | None = None, client_fraction: float | None = None,
@@ -89,11 +101,17 @@ def simulate_sweep(algorithm: Algorithm, model: Model, trains, seeds: Sequence[i
       ``True``: flattened, or a ValueError naming what prevents it; ``False``: the whole block
       vmapped over runs, which advance in lockstep.
 
+  Memory: a sweep holds all its runs at once, each with its whole cohort in one chunk. When the
+  estimate (:mod:`fedjax_sim.engine.memory`) exceeds the device's memory budget, the runs are cut
+  into the fewest even groups that fit, run one sweep after another (``info["run_groups"]``: the
+  groups' sizes); a run that does not fit alone is refused with the numbers.
+
   Returns:
     One :class:`~fedjax_sim.simulation.SimulationResult` per run. A run whose model becomes
     non-finite stops recording at that round (``info["diverged_at_round"]``) while the others go
     on; no exception is raised.
   """
+  given = dict(system=system, aggregator=aggregator, attack=attack)  # before they are checked
   seeds = list(seeds)
   runs = len(seeds)
   if runs == 0:
@@ -129,6 +147,22 @@ def simulate_sweep(algorithm: Algorithm, model: Model, trains, seeds: Sequence[i
       sim._check_labels(model, params[0], test, f"tests[{i}]")
   attack = sim.check_attack(attack, model, params[0], trains[0])
   mesh = engine_lib.mesh.make_mesh(devices)
+  groups = _run_groups(model, algorithm, params[0], trains, tests, cohort_size, aggregator,
+                       attack, block_len, engine_lib.mesh.size(mesh))
+  if len(groups) > 1:  # one sweep per group of runs that fits the device's memory
+    results = []
+    for group in groups:
+      pick = lambda values: [values[i] for i in group]
+      results += simulate_sweep(
+          algorithm, model, pick(trains), pick(seeds), hparams=pick(overrides), tests=pick(tests),
+          rounds=rounds, clients_per_round=clients_per_round, client_fraction=client_fraction,
+          eval_every=eval_every, plan=plan, chunk_size=chunk_size,
+          rounds_per_block=rounds_per_block, bucketing=bucketing, dissimilarity=dissimilarity,
+          sampling=sampling, aggregator_hparams=pick(agg_overrides), devices=devices,
+          flatten=flatten, **given)
+    for result in results:
+      result.info["run_groups"] = [len(g) for g in groups]
+    return results
   fallback = (flat_sweep.unsupported(aggregator, attack, mesh) if flatten is not False
               else None)
   if flatten is True and fallback is not None:
@@ -189,7 +223,7 @@ def simulate_sweep(algorithm: Algorithm, model: Model, trains, seeds: Sequence[i
           "flatten_fallback": fallback,
           "aggregator": engine.spec.aggregator.name, "sampling": how.kind,
           "attack": None if attack is None else attack.name,
-          "cohort_size": cohort_size, "rounds_per_block": block_len,
+          "cohort_size": cohort_size, "rounds_per_block": block_len, "run_groups": [runs],
           "num_buckets": len(engine.buckets), "collect_bytes": collect,
           "bucket_max_examples": [b.shape.max_examples for b in engine.buckets],
           "seconds": time.perf_counter() - start, "block_seconds": block_seconds,

@@ -1,6 +1,7 @@
 """The memory planner (issue 11, item 5): XLA's memory analysis of the compiled block in
 ``info["peak_bytes"]``, the planner's estimate against it, and the chunk a memory budget allows."""
 
+import jax
 import numpy as np
 import pytest
 
@@ -90,3 +91,38 @@ def test_working_memory_counts_per_client_states_and_collect_buffers():
   assert mem.parts["collected updates"] == 0
   sweep = memory.working_memory(MODEL, ALGO, params, fd, 16, runs=3)
   assert sweep.bytes(4) == 3 * mem.bytes(4)
+
+
+def test_a_sweep_too_large_for_the_budget_runs_in_groups_of_runs():
+  one = memory.WorkingMemory(fixed=100, per_client=10, parts={})  # 200 bytes at a cohort of 10
+  fit = lambda runs: int(runs * 200 / memory.HEADROOM) + 1  # a budget that holds `runs` runs
+  groups = lambda runs, budget, devices=1: [list(g) for g in memory.run_groups(
+      one, runs, 10, budget, devices)]
+  assert groups(5, None) == [[0, 1, 2, 3, 4]]
+  assert groups(5, fit(5)) == [[0, 1, 2, 3, 4]]
+  assert groups(5, fit(2)) == [[0, 1], [2, 3], [4]]  # the fewest groups, evened out
+  assert groups(5, fit(3)) == [[0, 1, 2], [3, 4]]
+  # two devices: a group of 2 runs puts one run on each device
+  assert groups(4, fit(1), devices=2) == [[0, 1], [2, 3]]
+  with pytest.raises(ValueError, match=r"one run of this sweep needs about 200 bytes.*budget of "
+                                       r"100 bytes"):
+    memory.run_groups(one, 3, 10, 100)
+
+
+def test_a_sweep_split_by_the_memory_budget_equals_one_sweep(monkeypatch):
+  fd = _population(clients=6, examples=4, features=10)
+  model = fs.models.softmax_regression(10, 10)
+  kw = dict(hparams=[{"client_lr": 0.1}, {"client_lr": 0.05}], rounds=2, clients_per_round=3)
+  per_run = sim.plan_memory(model, ALGO, sim.initial_params(model, 0), fd, 3, [fd],
+                            fs.aggregators.check(None))
+  budget = int(1.5 * per_run.bytes(3) / memory.HEADROOM)  # one run fits, two do not
+  monkeypatch.setattr(sim, "memory_budget", lambda: budget)
+  split = fs.simulate_sweep(ALGO, model, fd, [0, 1], **kw)
+  monkeypatch.setattr(sim, "memory_budget", lambda: None)
+  whole = fs.simulate_sweep(ALGO, model, fd, [0, 1], **kw)
+  assert [r.info["run_groups"] for r in split] == [[1, 1]] * 2
+  assert whole[0].info["run_groups"] == [2] and split[0].info["runs"] == 1
+  for a, b in zip(split, whole):
+    np.testing.assert_allclose(a.history["train_loss"], b.history["train_loss"], rtol=1e-6)
+    for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+      np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)

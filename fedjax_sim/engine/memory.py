@@ -155,3 +155,41 @@ def fit_chunk(memory: WorkingMemory, budget: int, largest: int, devices: int = 1
   fits = max(1, min(largest, per_device * devices))
   chunks = -(-largest // fits)
   return -(-largest // chunks)
+
+
+def run_groups(per_run: WorkingMemory, runs: int, cohort_size: int, budget: int | None,
+               devices: int = 1) -> list[range]:
+  """A sweep's runs cut into the fewest consecutive, evenly sized groups that each fit
+  ``HEADROOM · budget`` per device (one compiled sweep per group; runs are independent, so the
+  results do not depend on the grouping).
+
+  A sweep holds every one of its runs at once with the whole cohort in one chunk, so a group of
+  ``g`` runs needs ``g · per_run.bytes(cohort_size)``; on several devices a group whose size is a
+  multiple of the device count is split by run (``g / devices`` runs per device), any other
+  group has each run's chunk split (:mod:`fedjax_sim.engine.mesh`). ``budget=None`` (unknown):
+  one group.
+
+  Raises:
+    ValueError: one run alone does not fit; the message names its estimate and the budget.
+  """
+  if budget is None:
+    return [range(runs)]
+  usable = int(HEADROOM * budget)
+
+  def per_device(g: int) -> int:
+    if devices > 1 and g % devices == 0:
+      return g // devices * per_run.bytes(cohort_size)
+    return g * per_run.bytes(cohort_size, devices)
+
+  if per_device(1) > usable:
+    raise ValueError(
+        f"one run of this sweep needs about {per_device(1):,} bytes per device (the whole cohort "
+        f"of {cohort_size} clients in one chunk: {per_run.fixed:,} fixed + {per_run.per_client:,} "
+        f"per client), more than {HEADROOM:.0%} of the device's memory budget of {budget:,} "
+        "bytes: run it with simulate(), whose planner splits the cohort into chunks, or use "
+        "fewer clients per round")
+  for count in range(1, runs + 1):
+    size = -(-runs // count)
+    if per_device(size) <= usable:
+      return [range(i, min(i + size, runs)) for i in range(0, runs, size)]
+  raise AssertionError("unreachable: a group of one run fits")

@@ -270,16 +270,20 @@ def full_gradient(model, x_all: jax.Array, y_all: jax.Array, offset: jax.Array,
   """``∇F_k(params)``: the gradient of the client's mean loss over all its ``n`` examples.
 
   Scans the client's rows in slices of ``width`` (the sum of per-slice loss sums, divided by ``n``),
-  so memory does not grow with the client's size.
+  so memory does not grow with the client's size. The model's state collections (batch
+  statistics, :attr:`~fedjax_sim.models.Model.state_collections`) are not trained by gradients:
+  their entries are zero.
   """
   width = min(width, max_examples)
   num_slices = -(-max_examples // width)
+  frozen = lambda p: ({**p, **{c: lax.stop_gradient(p[c]) for c in model.state_collections}}
+                      if model.state_collections else p)
 
   def body(acc, i):
     pos = i * width + jnp.arange(width, dtype=jnp.int32)
     real = pos < num_examples
     rows = offset + jnp.where(real, pos, 0)
-    total = lambda p: jnp.sum(model.per_example_loss(p, x_all[rows], y_all[rows])
+    total = lambda p: jnp.sum(model.per_example_loss(frozen(p), x_all[rows], y_all[rows])
                               * real.astype(jnp.float32))
     return jax.tree.map(jnp.add, acc, jax.grad(total)(params)), None
 

@@ -102,6 +102,29 @@ def test_fedbn_keeps_batch_norm_local_and_evaluates_each_client_with_its_own():
 
 # Fine-tuned evaluation and Ditto ----------------------------------------------------------------
 
+def test_ditto_personal_models_keep_their_clients_batch_statistics():
+  """Batch statistics are not solved for: after one round of full participation each personal
+  model holds the statistics its client's local training produced, so their n_k-weighted mean is
+  the server's (which averages the clients' statistics), and the solver's full gradient is zero
+  on them (a gradient step on a running variance could make it negative)."""
+  xs, ys = classification_clients([6, 9, 4, 7], seed=3)
+  xs = [3 * x + 5 for x in xs]  # statistics far from the initial mean 0, variance 1
+  data = fs.FederatedData.from_arrays(xs, ys)
+  model = fs.models.from_linen(_DropoutBN.module(), xs[0], "multiclass")
+  result = fs.simulate(fs.algorithms.ditto(lam=0.5, client_lr=0.1, batch_size=4), model, data,
+                       rounds=1, clients_per_round=4, seed=0, eval_every=5)
+  weights = np.array([6, 9, 4, 7]) / 26
+  personal_stats = result.state.client_states["batch_stats"]
+  for got, server in zip(jax.tree.leaves(personal_stats),
+                         jax.tree.leaves(result.params["batch_stats"])):
+    np.testing.assert_allclose(np.tensordot(weights, np.asarray(got), 1), server, rtol=1e-5,
+                               atol=1e-6)
+  from fedjax_sim import client as client_lib
+  grads = client_lib.full_gradient(model, jax.numpy.asarray(data.x), jax.numpy.asarray(data.y), 0,
+                                   6, 6, result.params)
+  assert all(np.all(np.asarray(g) == 0) for g in jax.tree.leaves(grads["batch_stats"]))
+  assert any(np.any(np.asarray(g) != 0) for g in jax.tree.leaves(grads["params"]))
+
 @pytest.fixture(scope="module")
 def conflicting():
   """12 clients, half of which label every example one class further (FedPer's test above); 30

@@ -47,7 +47,9 @@ class ClientOutput(NamedTuple):
     num_examples: ``n_k``.
     client_state: its persistent state before the round (``c_i``), or ``None``.
     full_gradient: ``fn(params) -> ∇F_k(params)``, the gradient of the client's mean loss over all
-      its examples; only traced if a hook calls it.
+      its examples (zero for the model's state collections); only traced if a hook calls it.
+    state_collections: the model's collections of ``params`` that are not trained by gradients
+      (``("batch_stats",)`` for batch normalization; see :class:`~fedjax_sim.models.Model`).
   """
   context: ClientContext
   params: Params
@@ -55,6 +57,7 @@ class ClientOutput(NamedTuple):
   num_examples: jax.Array
   client_state: Any
   full_gradient: Callable[[Params], Params]
+  state_collections: tuple = ()
 
 
 class RoundSummary(NamedTuple):

@@ -20,6 +20,11 @@ the client took on the global model this round (fewer for a partial straggler; a
 drops out keeps its ``v_k``). ``λ = 0`` trains each personal model alone from ``w^0``; ``λ → ∞``
 pins it to the global model. Clients never sampled keep ``v_k = w^0``.
 
+Batch normalization: statistics are not trained by gradients, so the solver steps only the trained
+parameters (``∇F_k`` is zero on the model's state collections), under the statistics that the
+client's own data produced in this round's local training (``y_k``'s), which the personal model
+keeps (as FedBN keeps statistics local).
+
 Evaluation: besides the global model's metrics, evaluated rounds score every example of an
 evaluation set made of the training clients with its own client's ``v_k``
 (``{train,test}_personal_*``; :attr:`Hooks.personal_params`).
@@ -73,7 +78,12 @@ def ditto(lam: float = 0.1, personal_lr: float | None = None, personal_steps: in
     count = out.num_steps if steps is None else steps
     step = lambda _, v: personal_step(v, w_global, out.full_gradient, hp["lam"],
                                       hp["personal_lr"])
-    return None, lax.fori_loop(0, count, step, out.client_state)
+    v = out.client_state
+    if out.state_collections:  # statistics: the client's own, never stepped by the solver
+      stats = {c: out.params[c] for c in out.state_collections}
+      v, inner = {**v, **stats}, step
+      step = lambda i, v: {**inner(i, v), **stats}
+    return None, lax.fori_loop(0, count, step, v)
 
   hooks = base.hooks._replace(
       init_client_state=lambda params: jax.tree.map(jnp.array, params),  # v_k = w^0

@@ -168,7 +168,8 @@ def client_end(spec, d, params, context, new_params, job, client_state, shape):
     return delta, None, None
   full_grad = lambda p: client_lib.full_gradient(spec.model, d.x, d.y, job.offset,
                                                  job.num_examples, shape.max_examples, p)
-  out = ClientOutput(context, new_params, job.num_steps, job.num_examples, client_state, full_grad)
+  out = ClientOutput(context, new_params, job.num_steps, job.num_examples, client_state, full_grad,
+                     spec.model.state_collections)
   message, new_state = hooks.client_result(out)
   return delta, _f32(message), new_state
 

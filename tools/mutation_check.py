@@ -578,6 +578,25 @@ MUTATIONS = [
       "  score = jnp.where(member, n, -1)", "  score = jnp.where(member, 0, -1)",
       ("tests/test_flat_sweeps.py::test_bucket_slots_are_sorted_by_size_and_padded_with_the_empty_slot",),
       "flattened chunks are not sorted by size (each chunk runs its largest member's steps)"),
+    # --- batch statistics of personal models, the shared bucket's padding, sweeps by memory
+    M("full_gradient_steps_statistics", "personalization", C,
+      "lax.stop_gradient(p[c]) for c in model.state_collections", "p[c] for c in model.state_collections",
+      ("tests/test_personal.py::test_ditto_personal_models_keep_their_clients_batch_statistics",),
+      "the full gradient reaches batch statistics (Ditto's solver steps them like weights)"),
+    M("ditto_keeps_old_statistics", "personalization", A + "ditto.py",
+      "stats = {c: out.params[c] for c in out.state_collections}",
+      "stats = {c: out.client_state[c] for c in out.state_collections}",
+      ("tests/test_personal.py::test_ditto_personal_models_keep_their_clients_batch_statistics",),
+      "a personal model never takes its client's batch statistics"),
+    M("shared_padding_unsorted", "buckets", E + "buckets.py",
+      "s = np.sort(steps[rng.choice(steps.size, m, replace=False)])",
+      "s = steps[rng.choice(steps.size, m, replace=False)]",
+      (f"{T_ENGINE}::test_shared_bucket_padding_is_its_sorted_chunks_rounding",),
+      "the shared bucket's padding estimate ignores the size ordering of its chunks"),
+    M("run_groups_not_fewest", "memory", E + "memory.py",
+      "    size = -(-runs // count)", "    size = max(1, runs // (count + 1))",
+      ("tests/test_memory.py::test_a_sweep_too_large_for_the_budget_runs_in_groups_of_runs",),
+      "a sweep split into more groups of runs than the budget needs"),
 ]
 
 

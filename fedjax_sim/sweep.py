@@ -97,7 +97,9 @@ def simulate_sweep(algorithm: Algorithm, model: Model, trains, seeds: Sequence[i
       ``{"noise_multiplier": 0.5}`` for :func:`~fedjax_sim.aggregators.dp_mean`).
     flatten: ``"auto"`` (default): the runs' cohorts are flattened into one cohort per round
       (:mod:`fedjax_sim.engine.executors.flat_sweep`), except with a collect aggregator or an
-      omniscient attack, which run in lockstep (``info["flatten_fallback"]`` says why);
+      omniscient attack, or on several devices a run count that is not a multiple of theirs,
+      which run in lockstep (``info["flatten_fallback"]`` says why; on several devices a
+      flattened sweep splits whole runs over them);
       ``True``: flattened, or a ValueError naming what prevents it; ``False``: the whole block
       vmapped over runs, which advance in lockstep.
 
@@ -163,7 +165,7 @@ def simulate_sweep(algorithm: Algorithm, model: Model, trains, seeds: Sequence[i
     for result in results:
       result.info["run_groups"] = [len(g) for g in groups]
     return results
-  fallback = (flat_sweep.unsupported(aggregator, attack, mesh) if flatten is not False
+  fallback = (flat_sweep.unsupported(aggregator, attack, mesh, runs) if flatten is not False
               else None)
   if flatten is True and fallback is not None:
     raise ValueError(f"flatten=True: {fallback}; use flatten=False or 'auto' (lockstep)")

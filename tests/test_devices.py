@@ -67,6 +67,13 @@ CHILD = textwrap.dedent("""
                                 devices=d, flatten=False, **common) for d in (1, 2)]
     for a, b in zip(*sweeps):
       same(a, b, "fedavg dp sweep", devices=2)
+    # The same sweep flattened, its runs split over 2 devices (each device flattens its own run).
+    flat = fs.simulate_sweep(fs.algorithms.fedavg(**sgd), model, [train] * 2, seeds=[1, 2],
+                             hparams=lrs, aggregator=fs.aggregators.dp_mean(0.5, 0.3),
+                             devices=2, flatten=True, **common)
+    for a, b in zip(sweeps[0], flat):
+      assert b.info["flattened"], b.info["flatten_fallback"]
+      same(a, b, "fedavg dp sweep flattened", devices=2)
     print("DEVICES-OK")
 """)
 

@@ -2,6 +2,8 @@
 simulations and the lockstep sweep, compile once, and fall back (or refuse) by name where they
 cannot apply."""
 
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -78,6 +80,11 @@ def test_collect_aggregators_fall_back_to_lockstep_by_name(populations):
   assert flat_sweep.unsupported(aggregators.check(aggregators.mean()), None) is None
   reason = flat_sweep.unsupported(aggregators.check(aggregators.median()), None)
   assert "collect aggregator 'median'" in reason
+  two_devices = types.SimpleNamespace(devices=np.empty(2))  # a mesh's device count, here faked
+  mean = aggregators.check(aggregators.mean())
+  assert flat_sweep.unsupported(mean, None, two_devices, runs=4) is None  # 2 runs per device
+  assert "3 runs do not divide over 2 devices" in flat_sweep.unsupported(mean, None, two_devices,
+                                                                          runs=3)
   with pytest.raises(ValueError, match="flatten=True: the collect aggregator 'median'"):
     fs.simulate_sweep(alg.fedavg(), model, fd, seeds=[0, 1], aggregator=aggregators.median(),
                       flatten=True, rounds=1)

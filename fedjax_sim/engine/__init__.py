@@ -105,7 +105,8 @@ def build_engine(model, algo: Algorithm, train, plan: Plan, cohort_size: int, tr
     flatten: run a sweep flattened (:mod:`~fedjax_sim.engine.executors.flat_sweep`: the runs'
       cohorts as one cohort per round) rather than vmapped in lockstep; the caller checks
       :func:`~fedjax_sim.engine.executors.flat_sweep.unsupported` first (collect aggregators,
-      omniscient attacks and several devices run in lockstep).
+      omniscient attacks, and run counts that do not divide over several devices run in
+      lockstep).
   """
   sweep = isinstance(train, (list, tuple))
   num_clients = train[0].num_clients if sweep else train.num_clients
@@ -145,7 +146,8 @@ def build_engine(model, algo: Algorithm, train, plan: Plan, cohort_size: int, tr
                                          finetune_steps)
   if flatten:
     run_block, init_state = flat_sweep.build(spec, device_data(train, bucket_of), train_key,
-                                             evaluate, eval_data, population_metrics, hparams)
+                                             evaluate, eval_data, population_metrics, hparams,
+                                             runs_mesh)
   elif plan.name == "host_loop":
     run_block, init_state = host_loop.build(spec, device_data(train, bucket_of), train_key,
                                             evaluate, eval_data, population_metrics, hparams,

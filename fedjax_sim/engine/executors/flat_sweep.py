@@ -29,6 +29,10 @@ flattened run equals ``simulate`` up to float reassociation.
 
 Not flattened (the lockstep executor runs them): collect aggregators and omniscient attacks
 (their reduction needs each run's cohort as one ``[slots, ...]`` buffer in cohort order).
+
+Several devices: the runs are split over them (:func:`~fedjax_sim.engine.mesh.over_runs`), each
+device flattening its own runs, with no traffic between devices inside a block; the run count
+must then be a multiple of the device count (otherwise the lockstep sweep runs).
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from fedjax_sim.engine import round_step as rs
 from fedjax_sim.engine.buckets import Bucket
 from fedjax_sim.engine.cohort import RoundPlan, plan_round
 from fedjax_sim.engine.executors.aot import AheadOfTime
+from fedjax_sim.engine.mesh import over_runs, replicate
 from fedjax_sim.engine.population import DeviceData
 
 # Chunks of a flattened bucket hold about a quarter of its expected members per round (rounded
@@ -54,12 +59,13 @@ from fedjax_sim.engine.population import DeviceData
 MIN_CHUNK, MAX_CHUNK = 4, 32
 
 
-def unsupported(aggregator, attack, mesh=None) -> str | None:
-  """Why a sweep with this (checked) aggregator and attack, on ``mesh``'s devices, cannot be
-  flattened (``None``: it can)."""
-  if mesh is not None:
-    return (f"a flattened sweep runs on one device (devices={mesh.devices.size}); the lockstep "
-            "sweep splits its runs or chunks over them")
+def unsupported(aggregator, attack, mesh=None, runs: int = 1) -> str | None:
+  """Why a sweep of ``runs`` runs with this (checked) aggregator and attack, on ``mesh``'s
+  devices, cannot be flattened (``None``: it can)."""
+  if mesh is not None and runs % mesh.devices.size:
+    return (f"a flattened sweep splits whole runs over the devices, and {runs} runs do not "
+            f"divide over {mesh.devices.size} devices; the lockstep sweep splits each run's "
+            "chunks instead")
   if aggregator.reduction == "collect":
     what = f"the collect aggregator {aggregator.name!r}"
   elif attack is not None and attack.omniscient:
@@ -193,14 +199,17 @@ def flat_round(spec, d: DeviceData, keys, state: rs.ServerState, hp, r):
       state, total, hp, plans)
 
 
-def build(spec, data: DeviceData, train_key, evaluate, eval_data, population_metrics, hparams):
+def build(spec, data: DeviceData, train_key, evaluate, eval_data, population_metrics, hparams,
+          runs_mesh=None):
   """``(run_block, init_state)`` of the flattened sweep; ``run_block(state, rounds[R],
-  active[R], evaluate[R]) -> (state, metrics dict of [runs, R])`` as the lockstep sweep's."""
-  runs = train_key.shape[0]
-  no_stats = {k: jnp.zeros(runs, v.dtype) for k, v in rs.no_stats(spec).items()}
+  active[R], evaluate[R]) -> (state, metrics dict of [runs, R])`` as the lockstep sweep's
+  (``runs_mesh``: the runs split over its devices)."""
   data_axes = DeviceData(None, None, 0, 0, 0, None)
 
   def block(state, d, eval_data, keys, hp, rounds, active, do_eval):
+    # this device's runs (all of them on one device)
+    no_stats = {k: jnp.zeros(keys.shape[0], v.dtype) for k, v in rs.no_stats(spec).items()}
+
     def body(state, xs):
       r, act, ev = xs
       state, stats = lax.cond(act, lambda s: flat_round(spec, d, keys, s, hp, r),
@@ -214,9 +223,14 @@ def build(spec, data: DeviceData, train_key, evaluate, eval_data, population_met
     state, metrics = lax.scan(body, state, (rounds, active, do_eval))
     return state, jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1), metrics)
 
+  data_runs = DeviceData(False, False, True, True, True, False)
+  block = over_runs(block, runs_mesh, (True, data_runs, True, True, True, False, False, False))
   block_j = AheadOfTime(jax.jit(block, donate_argnums=0))
+  place = lambda tree: replicate(tree, runs_mesh)  # several devices: inputs on every device
+  data, eval_data, train_key, hparams = place((data, eval_data, train_key, hparams))
 
   def run_block(state, rounds, active, do_eval):
+    state, rounds, active, do_eval = place((state, rounds, active, do_eval))
     return block_j(state, data, eval_data, train_key, hparams, rounds, active, do_eval)
   run_block.compilations, run_block.memory = block_j.compilations, block_j.memory
   return run_block, jax.vmap(lambda params: rs.init_state(spec, params))

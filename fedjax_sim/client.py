@@ -120,6 +120,23 @@ def epoch_draws(keys: jax.Array, shape: BucketShape, method: str = "fisher_yates
   return jax.vmap(lambda k: jax.vmap(lambda e: one(k, e))(jnp.arange(epochs)))(keys)
 
 
+def stable_argsort_bits(bits: jax.Array) -> jax.Array:
+  """``jnp.argsort(bits, axis=-1, stable=True)`` of ``uint32`` keys, as int32.
+
+  Computed as one sort of the unique 64-bit keys ``bits · 2³² + position`` (ties in ``bits`` fall
+  back on the position, as a stable argsort's do, so the result is the same permutation). XLA:CPU
+  sorts a single operand with a plain ``std::sort``, whereas an argsort sorts a (key, index) pair
+  through a compiled comparator called per comparison: 3049-wide rows sort about 5× faster. The
+  64-bit keys exist only inside this function (``jax.enable_x64`` for its trace).
+  """
+  axis = bits.ndim - 1
+  with jax.enable_x64(True):
+    keys = ((bits.astype(jnp.uint64) << jnp.uint64(32))
+            | lax.broadcasted_iota(jnp.uint64, bits.shape, axis))
+    keys = lax.sort(keys, dimension=axis, is_stable=False)  # unique keys: stability is moot
+    return (keys & jnp.uint64(0xFFFFFFFF)).astype(jnp.int32)
+
+
 def orders_from_draws(draws: jax.Array, num_examples: jax.Array,
                       method: str = "fisher_yates") -> jax.Array:
   """Epoch orders ``[clients, num_epochs, L]`` from :func:`epoch_draws` ``[clients, num_epochs,
@@ -128,7 +145,7 @@ def orders_from_draws(draws: jax.Array, num_examples: jax.Array,
   if method == "sort":
     def one(bits, n):
       bits = jnp.where(jnp.arange(length) < n, bits, jnp.uint32(0xFFFFFFFF))
-      return jnp.argsort(bits, axis=-1, stable=True).astype(jnp.int32)
+      return stable_argsort_bits(bits)
     return jax.vmap(one)(draws, num_examples.astype(jnp.int32))
   # u[i, c*E + e] drives the swap at position i; layout [L, columns] keeps rows contiguous.
   # Epoch e of a client draws from fold_in(key, e); with JAX's partitionable threefry (the default)

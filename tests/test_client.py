@@ -43,6 +43,20 @@ def test_shuffled_fedavg_matches_numpy_replaying_the_engines_orders(sizes, batch
                                                   jax.tree.leaves(expected))) > 1e-3
 
 
+def test_sort_shuffle_is_a_stable_argsort():
+  """``stable_argsort_bits`` (one sort of 64-bit keys) is ``argsort(kind="stable")`` of the 32-bit
+  draws, ties broken by position included: random rows, a run of equal keys, all-padding tails
+  (``0xFFFFFFFF``, as ``orders_from_draws`` sets them) and rows of only four distinct keys."""
+  rng = np.random.default_rng(5)
+  bits = rng.integers(0, 2**32, size=(3, 4, 300), dtype=np.uint64).astype(np.uint32)
+  bits[0, 0, 40:90] = 7
+  bits[1, :, 100:] = 0xFFFFFFFF
+  bits[2, 1] = rng.integers(0, 4, 300)
+  got = np.asarray(jax.jit(client_lib.stable_argsort_bits)(jnp.asarray(bits)))
+  assert got.dtype == np.int32
+  np.testing.assert_array_equal(got, np.argsort(bits, axis=-1, kind="stable"))
+
+
 @pytest.mark.parametrize("method", ["fisher_yates", "sort"])
 def test_shuffles_are_uniform_permutations(method):
   """20,000 permutations of 5 examples (in a bucket padded to 8): every permutation about equally

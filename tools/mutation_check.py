@@ -174,6 +174,11 @@ MUTATIONS = [
       "bits = jnp.where(jnp.arange(length) < n, bits, jnp.uint32(0))",
       (f"{T_ENGINE}::test_shuffled_epochs_are_permutations_of_each_client",),
       "padding positions sort before the real examples"),
+    M("sort_ties_reversed", "shuffles", C,
+      "| lax.broadcasted_iota(jnp.uint64, bits.shape, axis))",
+      "| (bits.shape[axis] - 1 - lax.broadcasted_iota(jnp.uint64, bits.shape, axis)))",
+      (f"{T_CLIENT}::test_sort_shuffle_is_a_stable_argsort",),
+      "the sort's 64-bit keys carry reversed positions (still a permutation, not the argsort)"),
     # --- algorithms
     M("fedprox_sign", "fedprox", A + "fedprox.py",
       "g + (mu * (w - w0)).astype(g.dtype)", "g - (mu * (w - w0)).astype(g.dtype)",

@@ -120,15 +120,21 @@ def epoch_draws(keys: jax.Array, shape: BucketShape, method: str = "fisher_yates
   return jax.vmap(lambda k: jax.vmap(lambda e: one(k, e))(jnp.arange(epochs)))(keys)
 
 
-def stable_argsort_bits(bits: jax.Array) -> jax.Array:
+def stable_argsort_bits(bits: jax.Array, packed: bool | None = None) -> jax.Array:
   """``jnp.argsort(bits, axis=-1, stable=True)`` of ``uint32`` keys, as int32.
 
-  Computed as one sort of the unique 64-bit keys ``bits · 2³² + position`` (ties in ``bits`` fall
-  back on the position, as a stable argsort's do, so the result is the same permutation). XLA:CPU
-  sorts a single operand with a plain ``std::sort``, whereas an argsort sorts a (key, index) pair
-  through a compiled comparator called per comparison: 3049-wide rows sort about 5× faster. The
-  64-bit keys exist only inside this function (``jax.enable_x64`` for its trace).
+  ``packed`` (default: on the CPU backend) computes it as one sort of the unique 64-bit keys
+  ``bits · 2³² + position`` (ties in ``bits`` fall back on the position, as a stable argsort's do,
+  so the result is the same permutation). XLA:CPU sorts a single operand with a plain
+  ``std::sort``, whereas an argsort sorts a (key, index) pair through a compiled comparator called
+  per comparison: 3049-wide rows sort about 5× faster. The 64-bit keys exist only inside this
+  function (``jax.enable_x64`` for its trace). Other backends keep the argsort (TPUs emulate
+  64-bit integers, and neither GPU nor TPU speed was measured); both give the same permutation.
   """
+  if packed is None:
+    packed = jax.default_backend() == "cpu"
+  if not packed:
+    return jnp.argsort(bits, axis=-1, stable=True).astype(jnp.int32)
   axis = bits.ndim - 1
   with jax.enable_x64(True):
     keys = ((bits.astype(jnp.uint64) << jnp.uint64(32))

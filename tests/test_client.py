@@ -52,9 +52,11 @@ def test_sort_shuffle_is_a_stable_argsort():
   bits[0, 0, 40:90] = 7
   bits[1, :, 100:] = 0xFFFFFFFF
   bits[2, 1] = rng.integers(0, 4, 300)
-  got = np.asarray(jax.jit(client_lib.stable_argsort_bits)(jnp.asarray(bits)))
-  assert got.dtype == np.int32
-  np.testing.assert_array_equal(got, np.argsort(bits, axis=-1, kind="stable"))
+  for packed in (True, False):  # the CPU's packed 64-bit sort, other backends' argsort
+    got = np.asarray(jax.jit(lambda b: client_lib.stable_argsort_bits(b, packed))(
+        jnp.asarray(bits)))
+    assert got.dtype == np.int32
+    np.testing.assert_array_equal(got, np.argsort(bits, axis=-1, kind="stable"))
 
 
 @pytest.mark.parametrize("method", ["fisher_yates", "sort"])

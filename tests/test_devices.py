@@ -57,6 +57,17 @@ CHILD = textwrap.dedent("""
                                             None, "auto", rounds=2, devices=4)
     assert bucket.parts and bucket.chunk == 32 and runs[1].info["num_buckets"] == 1
     same(*runs, "scaffold median host")
+    # The streamed block's rows are split over the devices (each receives a quarter of them)
+    # and equal the one-device block's.
+    from fedjax_sim.engine import mesh as mesh_lib
+    streams = [fs.engine.CohortStream(train, np.zeros(40, np.int32), 36, mesh=m)
+               for m in (None, mesh_lib.make_mesh(4))]
+    one, four = [s.take(jax.random.key(5), np.arange(2)) for s in streams]
+    assert four.x.sharding.spec == jax.sharding.PartitionSpec(None, "clients")
+    assert sorted(s.data.shape[1] for s in four.x.addressable_shards) == [one.x.shape[1] // 4] * 4
+    for a, b in zip(one, four):
+      if a is not None:
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6),
                  runs[0].state.client_states, runs[1].state.client_states)
     # A sweep of 2 runs on 2 devices splits its runs: FedAvg under DP (clipping and Gaussian

@@ -114,10 +114,12 @@ def test_readme_processes_equal_one_process_with_four_devices(tmp_path, monkeypa
   assert [c[c.index("--process-id") + 1] for c in commands] == ["1", "0"]
   port = str(_free_port())  # the README's port may be taken on this machine
   commands = [_replace(c, "--coordinator", f"127.0.0.1:{port}") + SMALL for c in commands]
-  # the same run as one process with four devices
+  # the same run as one process with four devices, its population on the device, while the two
+  # processes stream theirs from host memory (each gathers and sends its devices' rows only)
   single = commands[0]
   for flag in ("--coordinator", "--num-processes", "--process-id"):
     single = single[:single.index(flag)] + single[single.index(flag) + 2:]
+  commands = [c + ["--set", "population=host"] for c in commands]
   others = [_start(commands[0], _env(2), tmp_path),
             _start(_replace(single, "--out", "one_process"), _env(4), tmp_path)]
   monkeypatch.chdir(tmp_path)
@@ -127,14 +129,15 @@ def test_readme_processes_equal_one_process_with_four_devices(tmp_path, monkeypa
   for code, _, err in results:
     assert code == 0, err[-3000:]
   assert results[0][1] == "" and results[0][2] == ""  # process 1 is silent
-  assert "train_loss" in out0
+  assert "test_loss" in out0  # a streamed population evaluates the test set only
   out = tmp_path / commands[1][commands[1].index("--out") + 1]
   # only process 0 wrote, into --out; nothing else appeared next to it
   assert sorted(p.name for p in tmp_path.iterdir()) == sorted([out.parts[-2], "one_process"])
   assert [p.name for p in out.parent.iterdir()] == [out.name]
   two_runs, one_run = _history(out), _history(tmp_path / "one_process")
   assert two_runs["round"] == one_run["round"] == [2, 4]
-  for key in one_run:
+  assert {"test_loss", "update_norm_mean", "drift"} <= set(two_runs) <= set(one_run)
+  for key in two_runs:
     if key != "elapsed":
       np.testing.assert_allclose(two_runs[key], one_run[key], rtol=1e-4, atol=1e-6, err_msg=key)
   for run, processes in ((out, 2), (tmp_path / "one_process", None)):

@@ -153,7 +153,7 @@ def build_engine(model, algo: Algorithm, train, plan: Plan, cohort_size: int, tr
                                             evaluate, eval_data, population_metrics, hparams,
                                             client_metrics)
   else:
-    stream = CohortStream(train, bucket_of, cohort_size, sampling) if streaming else None
+    stream = CohortStream(train, bucket_of, cohort_size, sampling, mesh) if streaming else None
     data = None if streaming else device_data(train, bucket_of)
     run_block, init_state = compiled.build(spec, data, train_key, evaluate, eval_data,
                                            population_metrics, hparams, sweep, stream,

@@ -36,14 +36,20 @@ class CohortStream:
   one compact array in cohort order, and the block's rounds go to the device stacked
   ``[rounds, rows, ...]``, with the row count rounded up to a power of two (few compiled shapes).
   Clients keep their population bucket and their global id (client keys and per-client states use
-  it), so results equal the on-device path. Host memory: the population's flat arrays plus two blocks of cohort rows (the
-  block in flight and the next one, gathered while the device runs — double buffering).
+  it), so results equal the on-device path. Host memory: the population's flat arrays plus two
+  blocks of cohort rows (the block in flight and the next one, gathered while the device runs —
+  double buffering).
+
+  With a ``mesh`` (several devices, possibly of several processes) the block's rows are split
+  along the row axis over its devices (``P(None, "clients")``): each device receives, and each
+  process gathers and sends, only its devices' share of the rows; the compiled round all-gathers
+  them on the devices. Everything else (offsets, counts, ids) is replicated.
   """
 
-  def __init__(self, train, bucket_of: np.ndarray, cohort_size: int, sampling=None):
+  def __init__(self, train, bucket_of: np.ndarray, cohort_size: int, sampling=None, mesh=None):
     self.x, self.y = train.x, train.y
     self.offsets, self.sizes = train.offsets, train.num_examples
-    self.bucket_of, self.cohort_size = bucket_of, cohort_size
+    self.bucket_of, self.cohort_size, self.mesh = bucket_of, cohort_size, mesh
     num_clients = train.num_clients
     self._cohorts = jax.jit(jax.vmap(lambda key, r: draw_cohort(
         round_keys(key, r).sample, num_clients, cohort_size, sampling)[0], in_axes=(None, 0)))
@@ -54,15 +60,37 @@ class CohortStream:
     counts = self.sizes[ids]
     totals = counts.sum(axis=1)
     cap = 1 << int(math.ceil(math.log2(max(int(totals.max()), 1))))
-    x = np.zeros((len(rounds), cap, *self.x.shape[1:]), self.x.dtype)
-    y = np.zeros((len(rounds), cap), self.y.dtype)
+    devices = 1 if self.mesh is None else self.mesh.devices.size
+    cap = -(-cap // devices) * devices  # an equal share of rows per device
     local = np.cumsum(counts, axis=1) - counts
+    # rows[i, j]: the population row at position j of round i's block (-1: padding)
+    rows = np.full((len(rounds), cap), -1, np.int64)
     for i in range(len(rounds)):
-      rows = np.repeat(self.offsets[ids[i]] - local[i], counts[i]) + np.arange(totals[i])
-      x[i, :totals[i]], y[i, :totals[i]] = self.x[rows], self.y[rows]
-    as_int = lambda a: jnp.asarray(a, jnp.int32)
-    return DeviceData(jnp.asarray(x), jnp.asarray(y), as_int(local), as_int(counts),
-                      as_int(self.bucket_of[ids]), as_int(ids))
+      rows[i, :totals[i]] = (np.repeat(self.offsets[ids[i]] - local[i], counts[i])
+                             + np.arange(totals[i]))
+    x, y = self._rows(self.x, rows), self._rows(self.y, rows)
+    if self.mesh is None:
+      as_int = lambda a: jnp.asarray(a, jnp.int32)
+    else:
+      from fedjax_sim.engine.mesh import replicate
+      as_int = lambda a: replicate(jnp.asarray(a, jnp.int32), self.mesh)
+    return DeviceData(x, y, as_int(local), as_int(counts), as_int(self.bucket_of[ids]),
+                      as_int(ids))
+
+  def _rows(self, source: np.ndarray, rows: np.ndarray) -> jax.Array:
+    """``source``'s rows ``rows`` (``[R, cap]``, -1 = zeros) on the device(s): gathered whole
+    without a mesh; else split along ``cap``, each process gathering its devices' slices only."""
+    def gather(index=(slice(None), slice(None))):
+      part = rows[index[:2]]
+      out = source[np.maximum(part, 0)]
+      out[part < 0] = 0
+      return out
+    if self.mesh is None:
+      return jnp.asarray(gather())
+    from jax.sharding import NamedSharding, PartitionSpec
+    from fedjax_sim.engine.mesh import AXIS
+    sharding = NamedSharding(self.mesh, PartitionSpec(None, AXIS))
+    return jax.make_array_from_callback((*rows.shape, *source.shape[1:]), sharding, gather)
 
   def take(self, key, rounds: np.ndarray) -> DeviceData:
     """The block's cohort data (prefetched when :meth:`prefetch` guessed these rounds)."""

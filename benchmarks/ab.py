@@ -6,7 +6,8 @@ old tree and the current one, each in its own process, ``--repeats`` times, so b
 machine state. Reports ms/round per run, the best of each side and the ratio new / old.
 
 Usage: ``python benchmarks/ab.py --base COMMIT [--cases W1:10000,W2:1000,P:500] [--repeats 2]
-[--out benchmarks/results/ab.json]``
+[--out benchmarks/results/ab.json]``; a case ``WORKLOAD:K:IMPL`` runs another implementation of
+``benchmarks/engine.py`` (e.g. ``S:500:engine_streamed``).
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_case(tree: str, workload: str, k: int) -> float:
+def run_case(tree: str, workload: str, k: int, impl: str = "engine") -> float:
   out = subprocess.run([sys.executable, os.path.join(tree, "benchmarks", "engine.py"), "--case",
-                        workload, "engine", str(k), "auto", "none"], capture_output=True, text=True,
+                        workload, impl, str(k), "auto", "none"], capture_output=True, text=True,
                        env=dict(os.environ, PYTHONPATH=tree), cwd=tree)
   if out.returncode != 0:
     raise RuntimeError(f"{tree}: case {workload} K={k} failed:\n{out.stderr[-2000:]}")
@@ -48,14 +49,15 @@ def main():
                    capture_output=True)
     try:
       for case in args.cases.split(","):
-        workload, k = case.split(":")
+        workload, k, *impl = case.split(":")
+        impl = impl[0] if impl else "engine"
         times = {"base": [], "head": []}
         for _ in range(args.repeats):
           for side, tree in (("base", old), ("head", ROOT)):
-            times[side].append(run_case(tree, workload, int(k)))
-            print(f"{workload} K={k} {side}: {times[side][-1]:.1f} ms/round", flush=True)
+            times[side].append(run_case(tree, workload, int(k), impl))
+            print(f"{workload} K={k} {impl} {side}: {times[side][-1]:.1f} ms/round", flush=True)
         best = {side: min(v) for side, v in times.items()}
-        rows.append({"workload": workload, "clients": int(k), "ms_per_round": times,
+        rows.append({"workload": workload, "clients": int(k), "impl": impl, "ms_per_round": times,
                      "best": best, "head_over_base": best["head"] / best["base"]})
         print(f"{workload} K={k}: head/base {rows[-1]['head_over_base']:.3f}", flush=True)
     finally:

@@ -9,8 +9,10 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from fedjax_sim.engine.cohort import draw_cohort, round_keys
+from fedjax_sim.engine.mesh import AXIS, replicate
 
 
 class DeviceData(NamedTuple):
@@ -69,11 +71,7 @@ class CohortStream:
       rows[i, :totals[i]] = (np.repeat(self.offsets[ids[i]] - local[i], counts[i])
                              + np.arange(totals[i]))
     x, y = self._rows(self.x, rows), self._rows(self.y, rows)
-    if self.mesh is None:
-      as_int = lambda a: jnp.asarray(a, jnp.int32)
-    else:
-      from fedjax_sim.engine.mesh import replicate
-      as_int = lambda a: replicate(jnp.asarray(a, jnp.int32), self.mesh)
+    as_int = lambda a: replicate(jnp.asarray(a, jnp.int32), self.mesh)
     return DeviceData(x, y, as_int(local), as_int(counts), as_int(self.bucket_of[ids]),
                       as_int(ids))
 
@@ -87,8 +85,6 @@ class CohortStream:
       return out
     if self.mesh is None:
       return jnp.asarray(gather())
-    from jax.sharding import NamedSharding, PartitionSpec
-    from fedjax_sim.engine.mesh import AXIS
     sharding = NamedSharding(self.mesh, PartitionSpec(None, AXIS))
     return jax.make_array_from_callback((*rows.shape, *source.shape[1:]), sharding, gather)
 

@@ -764,7 +764,7 @@ def _load_checkpoint(run_dir: str):
 _KILL_AFTER_ROUND = "FEDJAX_SIM_TEST_KILL_AFTER_ROUND"
 
 
-# Set in the child process that ``fedjax-sim run --coordinator ...`` trains in (see _supervise).
+# Set in the child process that ``fedjax-sim run/sweep --coordinator ...`` trains in (_supervise).
 _CHILD = "FEDJAX_SIM_DISTRIBUTED_CHILD"
 _NOISE = re.compile(r"^(\s+@\s+0x[0-9a-f]+\s|\*\*\* Check failure stack trace|\[Gloo\] Rank \d+ "
                     r"is connected to)")
@@ -820,7 +820,7 @@ def _distributed_arguments(args) -> _Processes | None:
 
 
 def _supervise(args, processes: _Processes) -> int:
-  """Runs this ``fedjax-sim run`` in a child process and waits for it.
+  """Runs this ``fedjax-sim run`` (or ``sweep``) in a child process and waits for it.
 
   JAX terminates a process of a multi-process run (``SIGABRT``, a C++ message and stack trace)
   when another process dies or the coordinator goes away; it has no Python hook for this. The
@@ -909,22 +909,34 @@ def run(args) -> int:
     config = _resume_config(resume_dir, args.config, args.set or [])
   else:
     config = resolve_config(args.config, args.set or [])
-  main_process = True
-  if processes is not None:  # before anything runs on a JAX device
-    from fedjax_sim import distributed
-    _watch_parent()
-    distributed.initialize(processes.coordinator, processes.num_processes, processes.process_id,
-                           timeout=processes.connect_timeout, peer_timeout=processes.peer_timeout)
-    main_process = distributed.is_main()
-  if not main_process:  # the same program, silently, its files in a scratch directory
-    import tempfile
-    scratch = tempfile.mkdtemp(prefix=f"fedjax_sim_process{processes.process_id}_")
-    try:
-      return _run(args, config, resume_dir, scratch, main_process=False)
-    finally:
-      import shutil
-      shutil.rmtree(scratch, ignore_errors=True)
+  if processes is not None and not _join(processes):  # before anything runs on a JAX device
+    return _in_scratch(processes, lambda scratch: _run(args, config, resume_dir, scratch,
+                                                       main_process=False))
   return _run(args, config, resume_dir, args.out, main_process=True)
+
+
+def _join(processes: _Processes) -> bool:
+  """In the training child of a multi-process command: joins the other processes
+  (``jax.distributed``); returns whether this is the main process, the one that writes."""
+  from fedjax_sim import distributed
+  _watch_parent()
+  distributed.initialize(processes.coordinator, processes.num_processes, processes.process_id,
+                         timeout=processes.connect_timeout, peer_timeout=processes.peer_timeout)
+  return distributed.is_main()
+
+
+def _in_scratch(processes: _Processes, command) -> int:
+  """``command(directory)`` for a process other than the main one: the same program, its files
+  in a scratch directory deleted at the end, nothing printed on stdout."""
+  import contextlib
+  import shutil
+  import tempfile
+  scratch = tempfile.mkdtemp(prefix=f"fedjax_sim_process{processes.process_id}_")
+  try:
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+      return command(scratch)
+  finally:
+    shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _run(args, config: dict, resume_dir: str | None, out: str | None, main_process: bool) -> int:
@@ -1237,7 +1249,33 @@ def describe_data(args) -> int:
 
 def _sweep(args) -> int:
   from fedjax_sim import grid
-  return grid.sweep(args)
+  processes = _distributed_arguments(args)
+  if processes is None:
+    return grid.sweep(args)
+  if os.environ.get(_CHILD) != "1":
+    return _supervise(args, processes)
+  if _join(processes):
+    return grid.sweep(args)
+  return _in_scratch(processes, lambda scratch: grid.sweep(
+      argparse.Namespace(**{**vars(args), "out": scratch, "quiet": True})))
+
+
+def _distributed_flags(parser, command: str) -> None:
+  """``--coordinator`` and the other flags of a command that can span several processes."""
+  dist = parser.add_argument_group(
+      "several processes (jax.distributed; start one per process, same flags but --process-id)")
+  dist.add_argument("--coordinator", metavar="HOST:PORT",
+                    help="address of process 0, reachable from every process")
+  dist.add_argument("--num-processes", type=int, metavar="N", help="how many processes take part")
+  dist.add_argument("--process-id", type=int, metavar="I",
+                    help=f"this process's index, 0..N-1; only process 0 writes the {command}'s "
+                         "output directory")
+  dist.add_argument("--connect-timeout", type=float, metavar="SECONDS",
+                    help="how long to wait for the coordinator and all processes to connect "
+                         "(default 120)")
+  dist.add_argument("--peer-timeout", type=float, metavar="SECONDS",
+                    help="a process silent this long is declared dead, and the others exit "
+                         "with an error (default 30; at once when process 0 dies)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -1265,19 +1303,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="continue the run in DIR from its newest checkpoint (its config, with "
                           "only rounds, checkpoint_*, compilation_cache or tensorboard changed "
                           "by --set/--config)")
-  dist = run_p.add_argument_group(
-      "several processes (jax.distributed; start one per process, same flags but --process-id)")
-  dist.add_argument("--coordinator", metavar="HOST:PORT",
-                    help="address of process 0, reachable from every process")
-  dist.add_argument("--num-processes", type=int, metavar="N", help="how many processes take part")
-  dist.add_argument("--process-id", type=int, metavar="I",
-                    help="this process's index, 0..N-1; only process 0 writes the run directory")
-  dist.add_argument("--connect-timeout", type=float, metavar="SECONDS",
-                    help="how long to wait for the coordinator and all processes to connect "
-                         "(default 120)")
-  dist.add_argument("--peer-timeout", type=float, metavar="SECONDS",
-                    help="a process silent this long is declared dead, and the others exit "
-                         "with an error (default 30; at once when process 0 dies)")
+  _distributed_flags(run_p, "run")
   run_p.set_defaults(func=run)
   compare_p = sub.add_parser(
       "compare", help="overlay runs' curves and print their final metrics",
@@ -1304,6 +1330,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="override one base key")
   sweep_p.add_argument("--out", help="output directory (default: a new one under runs/)")
   sweep_p.add_argument("--quiet", action="store_true", help="no progress lines")
+  _distributed_flags(sweep_p, "sweep")
   sweep_p.set_defaults(func=_sweep)
   list_p = sub.add_parser("list", help="list algorithms, models and datasets")
   list_p.set_defaults(func=list_available)

@@ -207,7 +207,7 @@ def simulate_sweep(algorithm: Algorithm, model: Model, trains, seeds: Sequence[i
   for round_nums, active, do_eval in sim.blocks(rounds, block_len, eval_every):
     state, metrics = engine.run_block(state, jnp.asarray(round_nums), jnp.asarray(active),
                                       jnp.asarray(do_eval))
-    metrics = jax.device_get(metrics)
+    metrics = engine_lib.mesh.to_host(metrics, mesh)
     elapsed = time.perf_counter() - start
     block_seconds.append(elapsed - sum(block_seconds))
     for i in range(runs):
@@ -230,6 +230,8 @@ def simulate_sweep(algorithm: Algorithm, model: Model, trains, seeds: Sequence[i
           "bucket_max_examples": [b.shape.max_examples for b in engine.buckets],
           "seconds": time.perf_counter() - start, "block_seconds": block_seconds,
           "compilations": sim.compilations(engine), **sim.memory_info(engine)}
+  if mesh is not None and mesh.is_multi_process:  # runs split over other processes' devices
+    state = engine_lib.mesh.to_host(state, mesh)
   results = []
   for i in range(runs):
     run_state = jax.tree.map(lambda a: a[i], state)

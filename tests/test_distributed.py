@@ -9,6 +9,7 @@ in this process.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import pathlib
@@ -144,6 +145,40 @@ def test_readme_processes_equal_one_process_with_four_devices(tmp_path, monkeypa
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["engine"]["devices"] == 4
     assert summary.get("processes") == processes and (run / "curves.png").exists()
+
+
+def test_a_sweep_over_two_processes_equals_one_process(tmp_path, monkeypatch, capsys):
+  """``fedjax-sim sweep`` with --coordinator: four grid points on 2 processes × 2 devices (a
+  flattened sweep, one run per device) write the same results as one process with 4 devices;
+  only process 0 writes and prints."""
+  from tests.test_sweeps import GRID
+  (tmp_path / "grid.toml").write_text(GRID)
+  port = str(_free_port())
+  argv = ["sweep", "--config", "grid.toml", "--quiet", "--coordinator", f"127.0.0.1:{port}",
+          "--num-processes", "2", "--out", "two"]
+  others = [_start([*argv, "--process-id", "1"], _env(2), tmp_path),
+            _start(["sweep", "--config", "grid.toml", "--quiet", "--out", "one"], _env(4),
+                   tmp_path)]
+  monkeypatch.chdir(tmp_path)
+  code, out0, err0 = _in_process([*argv, "--process-id", "0"], 2, monkeypatch, capsys)
+  results = _finish(others)
+  assert code == 0, err0[-3000:]
+  for code, _, err in results:
+    assert code == 0, err[-3000:]
+  assert results[0][1] == "" and results[0][2] == ""  # process 1 is silent
+  assert "train_loss" in out0
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["grid.toml", "one", "two"]
+  rows = {}
+  for name in ("two", "one"):
+    with open(tmp_path / name / "results.csv") as f:
+      rows[name] = list(csv.DictReader(f))
+  assert [r["point"] for r in rows["two"]] == [r["point"] for r in rows["one"]] and rows["one"]
+  for a, b in zip(rows["two"], rows["one"]):
+    assert a["status"] == b["status"] == "completed"
+    np.testing.assert_allclose(float(a["train_loss"]), float(b["train_loss"]), rtol=1e-4)
+  point = tmp_path / "two" / rows["two"][0]["point"]
+  engine = json.loads((point / "summary.json").read_text())["engine"]
+  assert engine["devices"] == 4 and engine["flattened"] and engine["runs"] == 4
 
 
 def test_a_killed_process_and_a_silent_coordinator_give_named_errors(tmp_path, monkeypatch,

@@ -122,3 +122,13 @@ def over_runs(block, mesh: Mesh | None, run_args: tuple):
     return jax.shard_map(block, mesh=mesh, in_specs=in_specs, out_specs=P(AXIS),
                          check_vma=False)(*args)
   return run
+
+
+def to_host(tree, mesh: Mesh | None):
+  """``tree``'s arrays as NumPy arrays on this host. Across processes, where a sweep's state and
+  metrics stay split by run over devices this process cannot read, every process gathers the
+  whole (a collective: all processes call it)."""
+  if mesh is None or not mesh.is_multi_process:
+    return jax.device_get(tree)
+  from jax.experimental import multihost_utils
+  return multihost_utils.process_allgather(tree, tiled=True)

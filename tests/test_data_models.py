@@ -240,3 +240,41 @@ def test_flax_models_that_cannot_train_are_named():
   data = fs.FederatedData.from_arrays([x, x], [np.zeros(2, np.int32)] * 2)
   with pytest.raises(ValueError, match="'moon' defines its own local loss"):
     fs.simulate(fs.algorithms.moon(), model, data, rounds=1)
+
+
+def _plain_forward(params, x):
+  """The built-in dense models' forward pass written with plain products (the reference for the
+  dense layer's own derivative rule)."""
+  layers = params if isinstance(params, list) else [params]
+  h = x
+  for i, layer in enumerate(layers):
+    h = h @ layer["kernel"] + layer["bias"]
+    if i < len(layers) - 1:
+      h = jax.nn.relu(h)
+  return h
+
+
+def test_dense_layer_derivatives_equal_the_plain_product():
+  """The dense layer's own derivative rule (a materialized ``xᵀ`` for the kernel's gradient on
+  CPU) gives the plain product's gradients (to the last bits: the same sums in another kernel's
+  order), for a vmapped chunk of clients as in local training, and its forward-mode derivative."""
+  rng = np.random.default_rng(0)
+  normal = lambda *shape: jnp.asarray(rng.normal(size=(8, *shape)).astype(np.float32))
+  dense = lambda a, b: {"kernel": normal(a, b), "bias": normal(b)}
+  for model, params in ((fs.models.softmax_regression(16, 8), dense(16, 8)),
+                        (fs.models.mlp(12, (16,), 5), [dense(12, 16), dense(16, 5)])):
+    x = normal(10, jax.tree.leaves(params)[1].shape[1])
+    y = jnp.asarray(rng.integers(0, 5, (8, 10)).astype(np.int32))
+    mask = jnp.asarray(rng.random((8, 10)) < 0.8)
+    ref_loss = lambda p, x, y, m: jnp.sum(fs.models.loss_from_outputs(
+        "multiclass", _plain_forward(p, x), y) * m) / jnp.maximum(jnp.sum(m), 1.0)
+    grads = jax.jit(jax.vmap(jax.grad(model.loss)))(params, x, y, mask)
+    ref = jax.jit(jax.vmap(jax.grad(ref_loss)))(params, x, y, mask)
+    for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref)):
+      np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-5, atol=1e-7)
+  jvp = jax.jit(lambda f, p, t: jax.jvp(lambda q: f(q, x[0], y[0], mask[0]), (p,), (t,))[1],
+                static_argnums=0)
+  first = jax.tree.map(lambda p: p[0], params)
+  tangent = jax.tree.map(lambda p: p[1], params)
+  np.testing.assert_allclose(jvp(model.loss, first, tangent), jvp(ref_loss, first, tangent),
+                             rtol=1e-5)

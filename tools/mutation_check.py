@@ -522,6 +522,16 @@ MUTATIONS = [
       "  if integral(y):\n    y = y.astype(np.int32)", "",
       ("tests/test_loaders.py::test_centralized_float_labels_partition_by_class",),
       "partitioners refuse class labels written as floats"),
+    # --- the built-in dense layer's derivative rule
+    M("dense_jvp_drops_input_term", "models", "fedjax_sim/models.py",
+      "terms = [] if zero(dx) else [dx @ kernel]", "terms = []",
+      ("tests/test_data_models.py::test_dense_layer_derivatives_equal_the_plain_product",),
+      "the dense layer's derivative loses its input's term (no gradient reaches hidden layers)"),
+    M("dense_jvp_transpose_rows", "models", "fedjax_sim/models.py",
+      "terms.append(jnp.swapaxes(x_t, -1, -2) @ dkernel)",
+      "terms.append(jnp.swapaxes(x_t, -1, -2)[::-1] @ dkernel)",
+      ("tests/test_data_models.py::test_dense_layer_derivatives_equal_the_plain_product",),
+      "the materialized xᵀ is multiplied back with its examples out of order"),
     # --- stateful Flax models, local parameters, auto bucketing, the collect buffer
     M("dropout_key_reused", "flax state", C,
       "key=jax.random.fold_in(job.key, t)),", "key=job.key),",

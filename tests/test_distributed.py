@@ -190,7 +190,8 @@ def test_a_killed_process_and_a_silent_coordinator_give_named_errors(tmp_path, m
           "--set", "checkpoint_every=none", "--set", "compilation_cache=none", "--quiet",
           "--out", "run"]
   # process 1 kills itself (SIGKILL) once round 2's metrics are written
-  victim = _start([*argv, "--process-id", "1"], _env(2, FEDJAX_SIM_TEST_KILL_AFTER_ROUND="2"),
+  victim = _start([*argv, "--process-id", "1"], _env(2, FEDJAX_SIM_TEST_KILL_AFTER_ROUND="2",
+                                                   TMPDIR=str(tmp_path)),
                   tmp_path)
   # meanwhile, a process whose coordinator never answers (nothing listens at that address)
   silent = f"127.0.0.1:{_free_port()}"

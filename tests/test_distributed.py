@@ -232,10 +232,12 @@ def test_a_killed_process_and_a_silent_coordinator_give_named_errors(tmp_path, m
 ])
 def test_bad_process_flags_are_named(flags, message, tmp_path, monkeypatch, capsys):
   monkeypatch.chdir(tmp_path)
-  assert main(["run", *flags, "--out", "run"]) == 2
-  err = capsys.readouterr().err
-  assert f"fedjax-sim: error: {message}" in err and "Traceback" not in err
-  assert not (tmp_path / "run").exists()
+  (tmp_path / "grid.toml").write_text('dataset = "logistic_demo"\n[grid]\nseed = [0, 1]\n')
+  for command in (["run"], ["sweep", "--config", "grid.toml"]):  # the flags both commands take
+    assert main([*command, *flags, "--out", "out"]) == 2
+    err = capsys.readouterr().err
+    assert f"fedjax-sim: error: {message}" in err and "Traceback" not in err, command
+    assert not (tmp_path / "out").exists()
 
 
 def test_initialize_checks_its_arguments_and_when_it_is_called():

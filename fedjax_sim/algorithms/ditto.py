@@ -76,14 +76,12 @@ def ditto(lam: float = 0.1, personal_lr: float | None = None, personal_steps: in
   def client_result(out):
     hp, w_global = out.context.hparams, out.context.global_params
     count = out.num_steps if steps is None else steps
-    step = lambda _, v: personal_step(v, w_global, out.full_gradient, hp["lam"],
-                                      hp["personal_lr"])
-    v = out.client_state
-    if out.state_collections:  # statistics: the client's own, never stepped by the solver
-      stats = {c: out.params[c] for c in out.state_collections}
-      v, inner = {**v, **stats}, step
-      step = lambda i, v: {**inner(i, v), **stats}
-    return None, lax.fori_loop(0, count, step, v)
+    # batch statistics: the client's own (y_k's), never stepped by the solver
+    stats = {c: out.params[c] for c in out.state_collections}
+    with_stats = (lambda v: {**v, **stats}) if stats else (lambda v: v)
+    step = lambda _, v: with_stats(personal_step(v, w_global, out.full_gradient, hp["lam"],
+                                                 hp["personal_lr"]))
+    return None, lax.fori_loop(0, count, step, with_stats(out.client_state))
 
   hooks = base.hooks._replace(
       init_client_state=lambda params: jax.tree.map(jnp.array, params),  # v_k = w^0
